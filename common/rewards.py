@@ -1,0 +1,94 @@
+"""Rewards behind one call: verifiers (row, response text) -> float, or a reward model's score."""
+import math
+import re
+
+import torch
+
+from common.tasks import format_prompt
+
+_MARKED = re.compile(r"(?:=|\bis\b|\bequals\b|\bequal to\b|\bget\b|####)\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
+_LEADING = re.compile(r"^\s*\**\s*(-?\d[\d,]*(?:\.\d+)?)\b(?!\s*[-+*/x×])")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _clean(number: str) -> str:
+    number = number.replace(",", "").rstrip(".")
+    return number[:-2] if number.endswith(".0") else number
+
+
+def extract_answer(text: str) -> str | None:
+    """The answer in a free-text response, or None.
+
+    A leading bare number ("42", "45 is larger") wins; else the first number after "=", "is",
+    "equals" or "####". A last-number rule would credit echoes of the question ("3 + 4 is ...").
+    """
+    m = _LEADING.match(text)
+    if m:
+        return _clean(m.group(1))
+    m = _MARKED.search(text)
+    return _clean(m.group(1)) if m else None
+
+
+def verify_arith(row, response: str) -> float:
+    """1.0 when the response's answer equals the row's answer, else 0.0."""
+    return float(extract_answer(response) == row["answer"])
+
+
+def verify_gsm8k(row, response: str) -> float:
+    """1.0 when the number after the last '####' (else the last number) equals the answer."""
+    if "####" in response:
+        found = _NUMBER.findall(response.split("####")[-1])
+        answer = _clean(found[0]) if found else None
+    else:
+        found = _NUMBER.findall(response)
+        answer = _clean(found[-1]) if found else None
+    return float(answer == _clean(row["answer"]))
+
+
+VERIFIERS = {"arith": verify_arith, "gsm8k": verify_gsm8k}
+
+
+class RewardError(RuntimeError):
+    """A reward function failed or returned a non-finite value; the message names the row."""
+
+
+def score_with_verifier(verifier, rows, responses):
+    """Verifier scores: len(rows) rows and texts -> (B,) float tensor; NaN or an exception names the row."""
+    scores = []
+    for row, text in zip(rows, responses):
+        try:
+            value = float(verifier(row, text))
+        except Exception as e:
+            raise RewardError(f"reward function {getattr(verifier, '__name__', verifier)} raised on row "
+                              f"{row.get('id')} (prompt {row['prompt'][:80]!r}, response {text[:80]!r}): {e!r}") from e
+        if not math.isfinite(value):
+            raise RewardError(f"reward function {getattr(verifier, '__name__', verifier)} returned {value} on row "
+                              f"{row.get('id')} (prompt {row['prompt'][:80]!r}, response {text[:80]!r}); "
+                              "rewards must be finite numbers")
+        scores.append(value)
+    return torch.tensor(scores, dtype=torch.float32)
+
+
+@torch.no_grad()
+def score_with_reward_model(reward_model, reward_tokenizer, rows, responses, batch_size: int, max_length: int = 2048):
+    """Reward-model scores of prompt + response texts: -> (B,) float tensor on CPU."""
+    texts = [format_prompt(reward_tokenizer, row) + text for row, text in zip(rows, responses)]
+    device = next(reward_model.parameters()).device
+    scores = []
+    for i in range(0, len(texts), batch_size):
+        enc = reward_tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
+                               max_length=max_length, add_special_tokens=False).to(device)
+        scores.append(reward_model(**enc).logits[:, 0].float().cpu())
+    scores = torch.cat(scores)
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        raise RewardError(f"reward model returned {scores[bad[0]].item()} on row {rows[bad[0]].get('id')} "
+                          f"(response {responses[bad[0]][:80]!r}); check the reward model's dtype and weights")
+    return scores
+
+
+def score(rows, responses, verifier=None, reward_model=None, reward_tokenizer=None, batch_size: int = 16):
+    """One call for both kinds of reward: the reward model when given, else the verifier. -> (B,)"""
+    if reward_model is not None:
+        return score_with_reward_model(reward_model, reward_tokenizer, rows, responses, batch_size)
+    return score_with_verifier(verifier, rows, responses)

@@ -1,0 +1,239 @@
+"""Tasks: rows of {"id", "prompt", and where the task has them "answer", "response", "chosen", "rejected"}.
+
+- `arith` (embedded, offline, the default): short arithmetic and comparison questions checked by a
+  verifier; demonstrations are correct answers, chosen/rejected pairs a correct and a wrong one.
+- `gsm8k`: openai/gsm8k (config "main"), columns `question`, `answer` (worked solution ending "#### n"); verifier.
+- `tldr`: trl-lib/tldr, columns `prompt`, `completion`; needs --reward_model.
+- `hh`: Anthropic/hh-rlhf (data_dir "harmless-base"), columns `chosen`, `rejected` (whole dialogues); needs --reward_model.
+Every task also reads local .json/.jsonl(.gz)/.parquet files with the hub's columns (`data_files`).
+"""
+import gzip
+import hashlib
+import json
+import os
+import random
+
+HUB = {  # task -> (dataset id, config or data_dir, {our split: hub split})
+    "gsm8k": ("openai/gsm8k", "main", {"train": "train", "test": "test"}),
+    "tldr": ("trl-lib/tldr", None, {"train": "train", "test": "validation"}),
+    "hh": ("Anthropic/hh-rlhf", "harmless-base", {"train": "train", "test": "test"}),
+}
+COLUMNS = {"gsm8k": ("question", "answer"), "tldr": ("prompt", "completion"), "hh": ("chosen", "rejected")}
+VERIFIABLE = ("arith", "gsm8k")
+GSM8K_INSTRUCTION = "Solve the problem step by step, then write the final number after '####'."
+
+
+class DataError(ValueError):
+    """A data file or row the task cannot use; the message names the file, the row and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded arithmetic task
+# ---------------------------------------------------------------------------------------------
+def _arith_question(rng: random.Random):
+    """One question of a random family: (prompt, answer). About 1,150 distinct questions in all."""
+    family = rng.randrange(4)
+    if family == 0:
+        a, b = rng.randint(0, 19), rng.randint(0, 19)
+        prompt, answer = f"What is {a} + {b}?", a + b
+    elif family == 1:
+        a, b = rng.randint(20, 59), rng.randint(1, 9)
+        prompt, answer = f"What is {a} + {b}?", a + b
+    elif family == 2:
+        a, b = rng.randint(10, 39), rng.randint(1, 9)
+        prompt, answer = f"What is {a} - {b}?", a - b
+    else:
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
+        prompt, answer = f"What is {a} times {b}?", a * b
+    return f"{prompt} Answer with just the number.", answer
+
+
+def _is_test_prompt(prompt: str) -> bool:
+    """Held-out split by a hash of the prompt text, so train and test never share a question."""
+    return int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 4 == 0
+
+
+def arith_rows(split: str, num_rows: int, seed: int = 0):
+    """`num_rows` distinct questions of the embedded task from `split` ("train" or "test")."""
+    rng = random.Random(f"arith-{split}-{seed}")
+    rows, seen = [], set()
+    for _ in range(200 * num_rows):
+        if len(rows) == num_rows:
+            break
+        prompt, answer = _arith_question(rng)
+        if prompt in seen or _is_test_prompt(prompt) != (split == "test"):
+            continue
+        seen.add(prompt)
+        wrong = answer + rng.choice([-2, -1, 1, 2, 10])
+        expression = prompt[len("What is "):prompt.index("?")]
+        rows.append({
+            "id": f"arith-{split}:{len(rows)}",
+            "prompt": prompt,
+            "answer": str(answer),
+            "response": f"{expression} = {answer}",
+            "chosen": f"{expression} = {answer}",
+            "rejected": f"{expression} = {wrong}",
+        })
+    if len(rows) < num_rows:
+        raise DataError(f"the arith task has only {len(rows)} distinct {split} questions; ask for fewer")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and hub datasets
+# ---------------------------------------------------------------------------------------------
+def read_records(path: str):
+    """Rows of a .json, .jsonl (optionally .gz) or .parquet file as dicts, with clear errors."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e}); fix the file or convert it to JSON Lines") from e
+    else:
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg}); fix or delete that line") from e
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, row {i}: expected a JSON object with named columns, got {type(record).__name__}")
+    return records
+
+
+def _hub_records(task: str, split: str):
+    import datasets
+
+    dataset_id, config, splits = HUB[task]
+    kwargs = {"data_dir": config} if task == "hh" else {"name": config} if config else {}
+    return list(datasets.load_dataset(dataset_id, split=splits[split], **kwargs))
+
+
+def _check_records(records, source: str, columns):
+    """Refuse a source missing a column; skip (and count) rows whose fields are empty."""
+    if not records:
+        raise DataError(f"{source}: no rows")
+    missing = [c for c in columns if c not in records[0]]
+    if missing:
+        raise DataError(
+            f"{source}: missing column(s) {missing}; this task needs columns {list(columns)} "
+            f"(found {sorted(records[0])}). Rename the columns or pick the matching --task."
+        )
+    kept, skipped = [], []
+    for i, r in enumerate(records):
+        if any(not isinstance(r.get(c), str) or not r.get(c).strip() for c in columns):
+            skipped.append(i)
+        else:
+            kept.append((i, r))
+    if skipped:
+        print(f"[tasks] {source}: skipped {len(skipped)} row(s) with an empty or non-text field "
+              f"in {list(columns)} (first: row {skipped[0]})")
+    if not kept:
+        raise DataError(f"{source}: every row has an empty or non-text field in {list(columns)}")
+    return kept
+
+
+def gsm8k_final_answer(solution: str) -> str:
+    """The number after '####' in a GSM8K solution, commas removed."""
+    return solution.split("####")[-1].strip().replace(",", "")
+
+
+def split_hh_dialogue(text: str):
+    """HH dialogue -> (chat messages before the last assistant turn, the last assistant turn)."""
+    head, sep, last = text.rpartition("\n\nAssistant:")
+    if not sep:
+        return None, None
+    messages = []
+    for chunk in head.split("\n\n"):
+        for tag, role in (("Human:", "user"), ("Assistant:", "assistant")):
+            if chunk.startswith(tag):
+                messages.append({"role": role, "content": chunk[len(tag):].strip()})
+                break
+        else:
+            if messages:  # a paragraph break inside a turn
+                messages[-1]["content"] += "\n\n" + chunk
+    return messages, last.strip()
+
+
+def _rows_from_records(task: str, kept, source: str):
+    rows = []
+    for i, r in kept:
+        rid = f"{source}:{i}"
+        if task == "gsm8k":
+            rows.append({"id": rid, "prompt": f"{r['question'].strip()}\n{GSM8K_INSTRUCTION}",
+                         "answer": gsm8k_final_answer(r["answer"]), "response": r["answer"].strip()})
+        elif task == "tldr":
+            rows.append({"id": rid, "prompt": r["prompt"], "response": r["completion"].strip()})
+        elif task == "hh":
+            messages, chosen = split_hh_dialogue(r["chosen"])
+            rejected_messages, rejected = split_hh_dialogue(r["rejected"])
+            if not messages or messages != rejected_messages:
+                continue  # chosen and rejected must share the dialogue before the last turn
+            prompt = "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
+            rows.append({"id": rid, "prompt": prompt + "\n\nAssistant:", "messages": messages,
+                         "response": chosen, "chosen": chosen, "rejected": rejected})
+    if not rows:
+        raise DataError(f"{source}: no usable rows for task {task}")
+    return rows
+
+
+def load_task(task: str, split: str, data_files: str | None = None, num_rows: int | None = None, seed: int = 0):
+    """Rows of `task` for `split` ("train" or "test"): the embedded task, local files, or the hub."""
+    if task == "arith":
+        return arith_rows(split, num_rows or (800 if split == "train" else 250), seed)
+    if task not in HUB:
+        raise DataError(f"unknown task {task!r}; choose one of arith, {', '.join(HUB)}")
+    if data_files:
+        rows = []
+        for path in data_files.split(","):
+            rows += _rows_from_records(task, _check_records(read_records(path), path, COLUMNS[task]), path)
+    else:
+        source = f"{HUB[task][0]}[{HUB[task][2][split]}]"
+        rows = _rows_from_records(task, _check_records(_hub_records(task, split), source, COLUMNS[task]), source)
+    if num_rows is not None:
+        rows = rows[:num_rows]
+    return rows
+
+
+def format_prompt(tokenizer, row) -> str:
+    """The prompt text the policy sees: the chat template when the tokenizer has one, else the raw prompt."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return row["prompt"]
+
+
+def encode_prompts(tokenizer, rows, max_prompt_length: int, what: str):
+    """Left-padded prompt ids and mask (N, P) for `rows`; refuses a prompt over `max_prompt_length` tokens."""
+    import torch
+
+    texts = [format_prompt(tokenizer, row) for row in rows]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    too_long = [i for i, x in enumerate(ids) if len(x) > max_prompt_length]
+    if too_long:
+        i = too_long[0]
+        raise DataError(
+            f"{what}: {len(too_long)} prompt(s) are longer than --max_prompt_length {max_prompt_length} tokens; "
+            f"the first is row {rows[i].get('id')} ({len(ids[i])} tokens). Raise --max_prompt_length "
+            "(prompt plus --response_length must fit the model's context) or remove those rows."
+        )
+    P = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), P), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), P), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, P - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[i, P - len(x):] = 1
+    return input_ids, mask

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny models built from a config with the real SmolLM2 tokenizer, offline."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+
+
+def tiny_config(vocab_size: int, pad_token_id: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       tie_word_embeddings=True, pad_token_id=pad_token_id, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from common.models import EMBEDDED_MODEL, load_tokenizer
+
+    return load_tokenizer(EMBEDDED_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A 2-layer Llama (hidden 64) with the real tokenizer, saved like any local model folder."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("tiny_policy"))
+    LlamaForCausalLM(tiny_config(len(tokenizer), tokenizer.pad_token_id)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_dir(tmp_path_factory, tokenizer):
+    """A tiny sequence-classification reward model with one output."""
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(1)
+    config = tiny_config(len(tokenizer), tokenizer.pad_token_id)
+    config.num_labels = 1
+    path = str(tmp_path_factory.mktemp("tiny_reward"))
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run_script(args, timeout=600, cwd=ROOT):
+    """Run a command from the project root with offline settings; fail the test with its output."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def read_jsonl(path):
+    import json
+
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
