@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import tyro
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from common.evaluation import evaluate
@@ -128,12 +129,17 @@ class Args:
 
     grpo: GRPOHParams = field(default_factory=GRPOHParams)
 
-    # derived (set after parsing)
-    world_size: int = 0
-    local_prompts: int = 0
-    local_batch_size: int = 0
-    mini_batch_size: int = 0
-    grad_accum_steps: int = 0
+    # derived right after parsing (not flags)
+    world_size: tyro.conf.Suppress[int] = 0
+    """number of processes"""
+    local_prompts: tyro.conf.Suppress[int] = 0
+    """prompts per iteration on this process"""
+    local_batch_size: tyro.conf.Suppress[int] = 0
+    """sequences per iteration on this process"""
+    mini_batch_size: tyro.conf.Suppress[int] = 0
+    """sequences per optimizer step on this process"""
+    grad_accum_steps: tyro.conf.Suppress[int] = 0
+    """micro-batches per optimizer step"""
 
 
 # ALGO LOGIC: group-normalised advantages and the clipped, KL-regularised per-token loss
@@ -177,8 +183,8 @@ def aggregate_loss(per_token, mask, loss_type: str, num_sequences: int, num_toke
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
-    accelerator = Accelerator()
+    args = tyro.cli(Args, use_underscores=True)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True lets torchrun/accelerate use gloo on CPU
     G = args.grpo.num_generations
     if G < 2:
         raise ValueError("--grpo.num_generations must be at least 2: advantages compare responses within a group")
@@ -235,9 +241,10 @@ if __name__ == "__main__":
     start_iteration = load_checkpoint(accelerator, args.resume_from) if args.resume_from else 0
     wandb_run = init_wandb(args.track and accelerator.is_main_process, args.wandb_project, f"{args.exp_name}__{args.seed}", asdict(args), run_dir)
 
-    def run_evaluation(model, ref_scores):
+    def run_evaluation(model, ref_scores, with_kl=True):
         """Evaluate `model` on every process's share of the held-out prompts; reduce and gather."""
-        eval_ref = ref_model if ref_model is not None else load_causal_lm(args.model_name, device, frozen_dtype, args.trust_remote_code).eval()
+        eval_ref = None if not with_kl else ref_model if ref_model is not None else \
+            load_causal_lm(args.model_name, device, frozen_dtype, args.trust_remote_code).eval()  # a frozen copy, for the KL only
         with accelerator.autocast():
             sums, count, scores, samples = evaluate(
                 accelerator.unwrap_model(model), eval_ref, tokenizer, eval_rows, eval_ids, eval_mask, score_fn,
@@ -246,7 +253,7 @@ if __name__ == "__main__":
         keys = sorted(sums)
         totals = accelerator.reduce(torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64, device=device), "sum")
         metrics = {f"eval/{k}": (totals[i] / totals[-1]).item() for i, k in enumerate(keys)}
-        return metrics, scores, [s for chunk in accelerator.gather_for_metrics([samples], use_gather_object=True) for s in chunk]
+        return metrics, scores, gather_object(samples)
 
     def report(step, metrics, samples):
         if accelerator.is_main_process:
@@ -255,11 +262,12 @@ if __name__ == "__main__":
             tqdm.write(f"[eval @ {step}] " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()) + "\n" + format_samples(samples))
 
     # evaluation of the reference policy (the policy before training): its scores give the win rate later
-    with torch.no_grad():
-        ref_metrics, ref_scores, ref_samples = run_evaluation(policy, None) if start_iteration == 0 else \
-            run_evaluation(load_causal_lm(args.model_name, device, frozen_dtype, args.trust_remote_code), None)
+    ref_metrics, ref_scores, ref_samples = run_evaluation(
+        policy if start_iteration == 0 else load_causal_lm(args.model_name, device, frozen_dtype, args.trust_remote_code),
+        None, with_kl=False)  # KL of the reference to itself is 0
+    ref_metrics.update({"eval/kl": 0.0, "eval/win_rate": 0.5})
     if start_iteration == 0:
-        report(0, {**ref_metrics, "eval/win_rate": 0.5}, ref_samples)
+        report(0, ref_metrics, ref_samples)
 
     pbar = tqdm(range(start_iteration + 1, args.num_iterations + 1), desc="grpo", disable=not accelerator.is_main_process,
                 initial=start_iteration, total=args.num_iterations)

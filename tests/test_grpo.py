@@ -1,0 +1,129 @@
+"""GRPO: advantages and loss against hand-worked values; smoke, resume, two-process and bad-input runs."""
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import read_jsonl, run_script
+from grpo import aggregate_loss, group_advantages, grpo_per_token_loss
+
+TINY = ["--num_iterations", "2", "--prompts_per_iteration", "4", "--grpo.num_generations", "2",
+        "--micro_batch_size", "4", "--response_length", "8", "--num_eval_prompts", "8", "--eval_batch_size", "8",
+        "--num_train_prompts", "32", "--learning_rate", "1e-3"]
+
+
+def test_group_advantages_by_hand():
+    scores = torch.tensor([1.0, 0.0, 0.0, 2.0, 2.0, 2.0])  # two groups of 3
+    std = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)  # sample std of (1, 0, 0) = 0.57735
+    adv = group_advantages(scores, 3, scale_rewards=True)
+    expected = [(2 / 3) / std, (-1 / 3) / std, (-1 / 3) / std, 0.0, 0.0, 0.0]
+    assert adv.tolist() == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    assert group_advantages(scores, 3, scale_rewards=False).tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3, 0, 0, 0], abs=1e-6)
+
+
+def test_loss_aggregation_by_hand():
+    lp = torch.zeros(2, 3)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    adv = torch.tensor([1.0, -3.0])
+    per_token = grpo_per_token_loss(lp, lp, None, adv, 0.2, 0.0)  # ratio 1: loss = -A on every token
+    assert per_token.tolist() == [[-1, -1, -1], [3, 3, 3]]
+    # grpo: mean over sequences of per-sequence means = ((-1 - 1) / 2 + 3 / 1) / 2 = 1.0
+    assert aggregate_loss(per_token, mask, "grpo", 2, mask.sum(), 3).item() == pytest.approx(1.0)
+    # bnpo: token sum / token count = (-2 + 3) / 3
+    assert aggregate_loss(per_token, mask, "bnpo", 2, mask.sum(), 3).item() == pytest.approx(1 / 3)
+    # dr_grpo: token sum / (sequences * response_length) = 1 / 6
+    assert aggregate_loss(per_token, mask, "dr_grpo", 2, mask.sum(), 3).item() == pytest.approx(1 / 6)
+    # micro-batches with the minibatch's normalisers add up to the minibatch loss
+    for kind in ("grpo", "bnpo", "dr_grpo"):
+        whole = aggregate_loss(per_token, mask, kind, 2, mask.sum(), 3)
+        parts = sum(aggregate_loss(per_token[i:i + 1], mask[i:i + 1], kind, 2, mask.sum(), 3) for i in range(2))
+        assert parts.item() == pytest.approx(whole.item())
+
+
+def test_clipping_and_k3_by_hand():
+    old = torch.zeros(1, 2)
+    lp = torch.full((1, 2), math.log(1.5))  # ratio 1.5, outside 1 +/- 0.2
+    pos = grpo_per_token_loss(lp, old, None, torch.tensor([1.0]), 0.2, 0.0)
+    neg = grpo_per_token_loss(lp, old, None, torch.tensor([-1.0]), 0.2, 0.0)
+    assert pos.tolist()[0] == pytest.approx([-1.2, -1.2])  # min(1.5 A, 1.2 A) for A > 0: clipped
+    assert neg.tolist()[0] == pytest.approx([1.5, 1.5])  # min(-1.5, -1.2) for A < 0: unclipped
+    ref = lp + math.log(2.0)  # log(ref / pi) = log 2
+    kl = grpo_per_token_loss(lp, lp, ref, torch.tensor([0.0]), 0.2, 0.5)
+    assert kl.tolist()[0] == pytest.approx([0.5 * (2 - math.log(2) - 1)] * 2)  # beta * k3
+
+
+def test_grpo_smoke(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run_script([sys.executable, "grpo.py", "--model_name", tiny_model_dir, "--output_dir", str(tmp_path),
+                "--grpo.kl_coef", "0.04", "--grpo.num_updates", "2", "--grpo.loss_type", "bnpo", *TINY])
+    run_dir = tmp_path / "grpo__1"
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    train = [r for r in rows if "loss/policy" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    for key in ("objective/scores", "objective/kl", "policy/clipfrac", "val/num_eos", "perf/seconds_per_iter", "lr"):
+        assert key in train[0] and math.isfinite(train[0][key])
+    assert {"eval/accuracy", "eval/kl", "eval/win_rate", "eval/eos_rate"} <= set(rows[-1])
+    assert len(read_jsonl(run_dir / "eval_samples.jsonl")) == 16  # 8 prompts before and after
+    AutoModelForCausalLM.from_pretrained(run_dir / "model")
+
+
+def test_grpo_with_reward_model(tiny_model_dir, tiny_reward_dir, tmp_path):
+    run_script([sys.executable, "grpo.py", "--model_name", tiny_model_dir, "--reward_model", tiny_reward_dir,
+                "--output_dir", str(tmp_path), *TINY, "--num_iterations", "1"])
+    final = read_jsonl(tmp_path / "grpo__1" / "metrics.jsonl")[-1]
+    assert "eval/reward" in final and "eval/accuracy" not in final  # a learned reward has no accuracy
+
+
+def _weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_resume_gives_the_same_weights(tiny_model_dir, tmp_path):
+    common = [sys.executable, "grpo.py", "--model_name", tiny_model_dir, *TINY, "--num_iterations", "4",
+              "--lr_schedule", "linear", "--grpo.num_minibatches", "2", "--micro_batch_size", "2"]
+    run_script(common + ["--output_dir", str(tmp_path / "full"), "--save_every", "2"])
+    ckpt = tmp_path / "full" / "grpo__1" / "checkpoints" / "iter_2"
+    assert json.loads((ckpt / "iteration.json").read_text()) == {"iteration": 2}
+    run_script(common + ["--output_dir", str(tmp_path / "resumed"), "--resume_from", str(ckpt)])
+    full, resumed = _weights(tmp_path / "full" / "grpo__1" / "model"), _weights(tmp_path / "resumed" / "grpo__1" / "model")
+    init = _weights(tiny_model_dir)
+    assert any(not torch.equal(full[k], init[k]) for k in full)  # training changed the weights
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "grpo__1" / "metrics.jsonl") if "loss/policy" in r] == [3, 4]
+
+
+def test_two_processes_end_with_identical_weights(tiny_model_dir, tmp_path):
+    run_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                "grpo.py", "--model_name", tiny_model_dir, "--output_dir", str(tmp_path), *TINY])
+    final = read_jsonl(tmp_path / "grpo__1" / "metrics.jsonl")[-1]
+    assert final["dist/param_checksum_spread"] == 0.0
+    assert len(read_jsonl(tmp_path / "grpo__1" / "eval_samples.jsonl")) == 16  # both halves of the eval gathered
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--prompts_per_iteration", "3"], "not divisible by"),  # 3 prompts x 2 samples over micro-batches of 4
+    (["--grpo.num_generations", "1"], "at least 2"),
+    (["--max_prompt_length", "8"], "longer than --max_prompt_length"),
+    (["--task", "gsm8k", "--data_files", "MISSING_COLUMN"], "missing column"),
+    (["--task", "hh", "--data_files", "HH_FILE"], "pass --reward_model"),
+])
+def test_bad_input_fails_early_and_clearly(tiny_model_dir, tmp_path, extra, message):
+    import subprocess
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "solution": "#### 1"}) + "\n")
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: yes", "rejected": "\n\nHuman: hi\n\nAssistant: no"}) + "\n")
+    extra = [str(bad) if x == "MISSING_COLUMN" else str(hh) if x == "HH_FILE" else x for x in extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "grpo.py", "--model_name", tiny_model_dir, "--output_dir", str(tmp_path),
+                           *TINY, *extra], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "grpo__1" / "model").exists()
