@@ -108,13 +108,13 @@ class Args:
     """sampling temperature for evaluation (0: greedy)"""
 
     # batches and optimiser
-    num_iterations: int = 22
+    num_iterations: int = 10
     """training iterations (one batch of prompts each)"""
     prompts_per_iteration: int = 8
     """prompts per iteration, over all processes"""
     micro_batch_size: int = 16
     """sequences per forward/backward on one process (gradient accumulation fills the minibatch)"""
-    learning_rate: float = 5e-6
+    learning_rate: float = 1e-5
     """AdamW learning rate"""
     lr_schedule: Literal["linear", "constant"] = "constant"
     """learning-rate schedule over the optimizer steps"""
@@ -205,11 +205,11 @@ if __name__ == "__main__":
                 open(path, "w").close()
 
     # data: every check on the input happens here, before any training time is spent
+    if args.reward_model is None and args.task not in VERIFIABLE:
+        raise ValueError(f"task {args.task} has no verifier: pass --reward_model (a sequence-classification model)")
     tokenizer = load_tokenizer(args.model_name, args.trust_remote_code)
     train_rows = load_task(args.task, "train", args.data_files, args.num_train_prompts, args.seed)
     eval_rows = load_task(args.task, "test", args.eval_data_files, args.num_eval_prompts)
-    if args.reward_model is None and args.task not in VERIFIABLE:
-        raise ValueError(f"task {args.task} has no verifier: pass --reward_model (a sequence-classification model)")
     if len(train_rows) < args.prompts_per_iteration:
         raise ValueError(f"{len(train_rows)} training prompts, fewer than --prompts_per_iteration {args.prompts_per_iteration}")
     train_ids, train_mask = encode_prompts(tokenizer, train_rows, args.max_prompt_length, f"task {args.task} train")

@@ -178,11 +178,11 @@ if __name__ == "__main__":
                 open(path, "w").close()
 
     # data: every check on the input happens here, before any training time is spent
+    if args.reward_model is None and args.task not in VERIFIABLE:
+        raise ValueError(f"task {args.task} has no verifier: pass --reward_model (a sequence-classification model)")
     tokenizer = load_tokenizer(args.model_name, args.trust_remote_code)
     train_rows = load_task(args.task, "train", args.data_files, args.num_train_prompts, args.seed)
     eval_rows = load_task(args.task, "test", args.eval_data_files, args.num_eval_prompts)
-    if args.reward_model is None and args.task not in VERIFIABLE:
-        raise ValueError(f"task {args.task} has no verifier: pass --reward_model (a sequence-classification model)")
     if len(train_rows) < args.prompts_per_iteration:
         raise ValueError(f"{len(train_rows)} training prompts, fewer than --prompts_per_iteration {args.prompts_per_iteration}")
     train_ids, train_mask = encode_prompts(tokenizer, train_rows, args.max_prompt_length, f"task {args.task} train")

@@ -30,22 +30,15 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # The embedded arithmetic task
 # ---------------------------------------------------------------------------------------------
-def _arith_question(rng: random.Random):
-    """One question of a random family: (prompt, answer). About 1,150 distinct questions in all."""
-    family = rng.randrange(4)
-    if family == 0:
-        a, b = rng.randint(0, 19), rng.randint(0, 19)
-        prompt, answer = f"What is {a} + {b}?", a + b
-    elif family == 1:
-        a, b = rng.randint(20, 59), rng.randint(1, 9)
-        prompt, answer = f"What is {a} + {b}?", a + b
-    elif family == 2:
-        a, b = rng.randint(10, 39), rng.randint(1, 9)
-        prompt, answer = f"What is {a} - {b}?", a - b
-    else:
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
-        prompt, answer = f"What is {a} times {b}?", a * b
-    return f"{prompt} Answer with just the number.", answer
+def arith_questions():
+    """Every question of the embedded task as (prompt, expression, answer): 1,151 in four families."""
+    families = [
+        [(f"{a} + {b}", a + b) for a in range(20) for b in range(20)],  # small sums
+        [(f"{a} + {b}", a + b) for a in range(20, 60) for b in range(1, 10)],  # two-digit plus one-digit
+        [(f"{a} - {b}", a - b) for a in range(10, 40) for b in range(1, 10)],  # differences
+        [(f"{a} times {b}", a * b) for a in range(2, 13) for b in range(2, 13)],  # times tables
+    ]
+    return [(f"What is {e}? Answer with just the number.", e, answer) for family in families for e, answer in family]
 
 
 def _is_test_prompt(prompt: str) -> bool:
@@ -54,18 +47,15 @@ def _is_test_prompt(prompt: str) -> bool:
 
 
 def arith_rows(split: str, num_rows: int, seed: int = 0):
-    """`num_rows` distinct questions of the embedded task from `split` ("train" or "test")."""
+    """`num_rows` distinct questions of the embedded task from `split` ("train": 876 in all, "test": 275), shuffled."""
+    questions = [q for q in arith_questions() if _is_test_prompt(q[0]) == (split == "test")]
+    if num_rows > len(questions):
+        raise DataError(f"the arith task has only {len(questions)} distinct {split} questions; ask for fewer")
     rng = random.Random(f"arith-{split}-{seed}")
-    rows, seen = [], set()
-    for _ in range(200 * num_rows):
-        if len(rows) == num_rows:
-            break
-        prompt, answer = _arith_question(rng)
-        if prompt in seen or _is_test_prompt(prompt) != (split == "test"):
-            continue
-        seen.add(prompt)
+    rng.shuffle(questions)
+    rows = []
+    for prompt, expression, answer in questions[:num_rows]:
         wrong = answer + rng.choice([-2, -1, 1, 2, 10])
-        expression = prompt[len("What is "):prompt.index("?")]
         rows.append({
             "id": f"arith-{split}:{len(rows)}",
             "prompt": prompt,
@@ -74,8 +64,6 @@ def arith_rows(split: str, num_rows: int, seed: int = 0):
             "chosen": f"{expression} = {answer}",
             "rejected": f"{expression} = {wrong}",
         })
-    if len(rows) < num_rows:
-        raise DataError(f"the arith task has only {len(rows)} distinct {split} questions; ask for fewer")
     return rows
 
 
@@ -193,7 +181,7 @@ def _rows_from_records(task: str, kept, source: str):
 def load_task(task: str, split: str, data_files: str | None = None, num_rows: int | None = None, seed: int = 0):
     """Rows of `task` for `split` ("train" or "test"): the embedded task, local files, or the hub."""
     if task == "arith":
-        return arith_rows(split, num_rows or (800 if split == "train" else 250), seed)
+        return arith_rows(split, num_rows or (876 if split == "train" else 275), seed)
     if task not in HUB:
         raise DataError(f"unknown task {task!r}; choose one of arith, {', '.join(HUB)}")
     if data_files:

@@ -83,8 +83,9 @@ def _weights(path):
     return load_file(os.path.join(path, "model.safetensors"))
 
 
-def test_resume_gives_the_same_weights(tiny_model_dir, tmp_path):
-    common = [sys.executable, "grpo.py", "--model_name", tiny_model_dir, *TINY, "--num_iterations", "4",
+def test_resume_gives_the_same_weights(tiny_model_dir, tiny_reward_dir, tmp_path):
+    # a reward model gives the random tiny policy graded rewards, so the weights do move
+    common = [sys.executable, "grpo.py", "--model_name", tiny_model_dir, "--reward_model", tiny_reward_dir, *TINY, "--num_iterations", "4",
               "--lr_schedule", "linear", "--grpo.num_minibatches", "2", "--micro_batch_size", "2"]
     run_script(common + ["--output_dir", str(tmp_path / "full"), "--save_every", "2"])
     ckpt = tmp_path / "full" / "grpo__1" / "checkpoints" / "iter_2"
