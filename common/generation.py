@@ -12,16 +12,12 @@ def generate(model, query_ids, query_mask, response_length: int, temperature: fl
     distribution is softmax(logits / temperature), the one `logprobs_from_logits` scores.
     Rows that stop early are padded with `pad_token_id`; `truncate_after_eos` masks them.
     """
+    # every field that reshapes the distribution is set explicitly: a field left None is filled
+    # from the model's own generation_config (Qwen's sets top_k, top_p and a repetition penalty)
+    sampling = dict(temperature=temperature, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0) if temperature > 0 else {}
     config = GenerationConfig(
-        max_new_tokens=response_length,
-        min_new_tokens=0,
-        do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else None,
-        top_k=0 if temperature > 0 else None,
-        top_p=1.0 if temperature > 0 else None,
-        pad_token_id=pad_token_id,
-        eos_token_id=eos_token_id,
-        use_cache=True,
+        max_new_tokens=response_length, min_new_tokens=0, do_sample=temperature > 0, repetition_penalty=1.0,
+        no_repeat_ngram_size=0, pad_token_id=pad_token_id, eos_token_id=eos_token_id, use_cache=True, **sampling,
     )
     out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
     responses = out[:, query_ids.shape[1]:]  # (B, <= response_length)

@@ -29,6 +29,26 @@ def test_truncate_after_eos_cases():
     assert has_eos.tolist() == [True, True, False, True]
 
 
+def test_generate_samples_the_plain_softmax():
+    """Sampling ignores the model's own generation_config (top-k, top-p, repetition penalty)."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from common.generation import generate
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    model.generation_config = GenerationConfig(do_sample=True, top_k=3, top_p=0.5, repetition_penalty=1.3)
+    query = torch.randint(3, 50, (1, 4))
+    samples = generate(model, query.repeat(4000, 1), torch.ones(4000, 4, dtype=torch.long), 1, 0.5, 0, 2)
+    with torch.no_grad():
+        expected = (model(query).logits[0, -1] / 0.5).softmax(-1)
+    observed = torch.bincount(samples[:, 0], minlength=50).float() / 4000
+    assert (observed - expected).abs().max() < 0.03
+    greedy = generate(model, query, torch.ones(1, 4, dtype=torch.long), 1, 0.0, 0, 2)
+    assert greedy[0, 0] == expected.argmax()
+
+
 def test_logprobs_with_temperature():
     logits = torch.tensor([[[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]]])  # (1, 2, 3)
     tokens = torch.tensor([[0, 2]])
@@ -120,6 +140,18 @@ def test_local_files_and_clear_errors(tmp_path):
         load_task("gsm8k", "train", str(broken))
     with pytest.raises(DataError, match="file not found"):
         load_task("gsm8k", "train", str(tmp_path / "nope.jsonl"))
+
+
+def test_parquet_and_json_array_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"prompt": "SUBREDDIT: r/x\nPOST: hello\nTL;DR:", "completion": " a greeting"}]
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "tldr.parquet")
+    (tmp_path / "tldr.json").write_text(json.dumps(records))
+    for name in ("tldr.parquet", "tldr.json"):
+        rows = load_task("tldr", "train", str(tmp_path / name))
+        assert rows[0]["prompt"].endswith("TL;DR:") and rows[0]["response"] == "a greeting"
 
 
 def test_prompt_longer_than_limit_is_refused(tokenizer):

@@ -74,7 +74,7 @@ def test_grpo_smoke(tiny_model_dir, tmp_path):
 
 def test_grpo_with_reward_model(tiny_model_dir, tiny_reward_dir, tmp_path):
     run_script([sys.executable, "grpo.py", "--model_name", tiny_model_dir, "--reward_model", tiny_reward_dir,
-                "--output_dir", str(tmp_path), *TINY, "--num_iterations", "1"])
+                "--output_dir", str(tmp_path), *TINY, "--num_iterations", "1", "--track"])  # wandb disabled in tests
     final = read_jsonl(tmp_path / "grpo__1" / "metrics.jsonl")[-1]
     assert "eval/reward" in final and "eval/accuracy" not in final  # a learned reward has no accuracy
 
