@@ -258,9 +258,11 @@ if __name__ == "__main__":
                  "response_length": args.response_length, "seed": args.seed}  # everything the rewards depend on; not beta1
     cache_name = hashlib.sha256(json.dumps(cache_key, sort_keys=True).encode()).hexdigest()[:16]
     cache_path = os.path.join(args.output_dir, "apo_stage1", f"{cache_name}.json")
+    stage1_start = time.time()
     if os.path.exists(cache_path):
         with open(cache_path) as f:
-            ref_rewards = torch.tensor(json.load(f)["rewards"])  # (P, N)
+            cached = json.load(f)
+        ref_rewards, stage1_seconds = torch.tensor(cached["rewards"]), cached.get("seconds", float("nan"))  # (P, N); the cost when sampled
         accelerator.print(f"[apo] stage 1: loaded the cached rewards of {N} reference samples per prompt from {cache_path}")
     else:
         mine = slice(accelerator.process_index, None, args.world_size)
@@ -274,17 +276,20 @@ if __name__ == "__main__":
         padded[:len(local_rewards)] = local_rewards.to(device)
         gathered = accelerator.gather(padded).view(args.world_size, rows_per_process, N)  # process r holds prompts r, r + W, ...
         ref_rewards = gathered.transpose(0, 1).reshape(-1, N)[:len(train_rows)].cpu()  # (P, N), in prompt order
+        stage1_seconds = time.time() - stage1_start
         if accelerator.is_main_process:
             os.makedirs(os.path.dirname(cache_path), exist_ok=True)
             with open(f"{cache_path}.tmp{os.getpid()}", "w") as f:
-                json.dump({"key": cache_key, "ids": [r["id"] for r in train_rows], "rewards": ref_rewards.tolist()}, f)
+                json.dump({"key": cache_key, "ids": [r["id"] for r in train_rows], "rewards": ref_rewards.tolist(),
+                           "seconds": stage1_seconds}, f)
             os.replace(f"{cache_path}.tmp{os.getpid()}", cache_path)  # a half-written file is never read as a cache
             print(f"[apo] stage 1: cached the rewards of {N} reference samples per prompt in {cache_path}")
     accelerator.wait_for_everyone()
     v_star = optimal_value(ref_rewards, args.apo.beta1)  # (P,)
     solved = (ref_rewards > 0).any(dim=1)  # (P,)
     accelerator.print(f"[apo] stage 1: {len(train_rows)} prompts, mean reference reward {ref_rewards.mean():.3f}, "
-                      f"mean V* {v_star.mean():.3f} (beta1 {args.apo.beta1}), {int((~solved).sum())} never solved")
+                      f"mean V* {v_star.mean():.3f} (beta1 {args.apo.beta1}), {int((~solved).sum())} never solved, "
+                      f"{stage1_seconds:.0f} s to sample")
     if args.apo.stage1_only:
         sys.exit(0)
     if args.apo.filter_unsolved:
@@ -325,7 +330,7 @@ if __name__ == "__main__":
     ref_metrics, ref_scores, ref_samples = run_evaluation(
         policy if start_iteration == 0 else load_causal_lm(args.model_name, device, frozen_dtype, args.trust_remote_code),
         None, with_kl=False)  # KL of the reference to itself is 0
-    ref_metrics.update({"eval/kl": 0.0, "eval/win_rate": 0.5})
+    ref_metrics.update({"eval/kl": 0.0, "eval/win_rate": 0.5, "perf/stage1_seconds": stage1_seconds})
     if start_iteration == 0:
         report(0, ref_metrics, ref_samples)
 
