@@ -23,7 +23,7 @@ test: install
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest $(ARGS)
 
 bench: install
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmark/bench_grpo.py $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmark/bench.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs

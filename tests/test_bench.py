@@ -1,0 +1,15 @@
+"""The benchmark script runs end to end on a tiny model and writes its table."""
+import sys
+
+from conftest import run_script
+
+
+def test_bench_smoke(tiny_model_dir, tmp_path):
+    extra = (f"--model_name {tiny_model_dir} --response_length 8 --micro_batch_size 4 --num_train_prompts 32 "
+             "--eval_batch_size 8 --grpo.num_generations 2")
+    proc = run_script([sys.executable, "benchmark/bench.py", "--scripts", "grpo", "--iterations", "2",
+                       "--prompts_per_iteration", "4", "--bound_repeats", "1", "--output_dir", str(tmp_path),
+                       f"--extra={extra}"])
+    table = (tmp_path / "bench.md").read_text()
+    assert "| grpo.py |" in table and "| bound" in table and "iteration / bound" in table
+    assert "grpo.py iteration / bound" in proc.stdout
