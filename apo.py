@@ -1,7 +1,7 @@
 """A*-PO: Policy Optimization via Optimal Advantage Regression (Brantley et al. 2025, "Accelerating RL for
 LLM Reasoning with Optimal Advantage Regression", arXiv:2505.20686).
 
-    python apo.py                                     # embedded SmolLM2-135M + arithmetic, CPU, ~8 min
+    python apo.py                                     # embedded SmolLM2-135M + arithmetic, 2 CPU cores, ~11 min (stage 1 included)
     python apo.py --apo.stage1_only                   # stage 1 alone: sample, score and cache V*
     accelerate launch --config_file configs/ddp.yaml apo.py --model_name Qwen/Qwen2.5-1.5B-Instruct --task gsm8k
 

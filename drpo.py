@@ -1,6 +1,6 @@
 """DR-PO: PPO with resets to the dataset's responses (Chang et al. 2024, "Dataset Reset Policy Optimization for RLHF", arXiv:2404.08495).
 
-    python drpo.py                                    # embedded SmolLM2-135M + arithmetic, CPU, ~12 min
+    python drpo.py                                    # embedded SmolLM2-135M + arithmetic, 2 CPU cores, ~8 min
     accelerate launch --config_file configs/ddp.yaml drpo.py --model_name Qwen/Qwen2.5-1.5B-Instruct --task gsm8k
 
 With probability beta (`--ppo.reset_prob`, 1 as in the paper) a sample starts from a reset: the first

@@ -1,6 +1,6 @@
 """PPO for RLHF (Stiennon et al. 2020; Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO", arXiv:2403.17031).
 
-    python ppo.py                                     # embedded SmolLM2-135M + arithmetic, CPU, ~12 min
+    python ppo.py                                     # embedded SmolLM2-135M + arithmetic, 2 CPU cores, ~8 min
     accelerate launch --config_file configs/ddp.yaml ppo.py --model_name Qwen/Qwen2.5-1.5B-Instruct --task gsm8k
 
 Sample one response per prompt. Its per-token reward is -kl_coef * (log pi - log ref), with the

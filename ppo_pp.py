@@ -1,6 +1,6 @@
 """PPO++: PPO with resets to reference-policy states (Chang et al. 2023, "Learning to Generate Better Than Your Teacher", arXiv:2306.11816).
 
-    python ppo_pp.py                                  # embedded SmolLM2-135M + arithmetic, CPU, ~12 min
+    python ppo_pp.py                                  # embedded SmolLM2-135M + arithmetic, 2 CPU cores, ~9 min
     accelerate launch --config_file configs/ddp.yaml ppo_pp.py --model_name Qwen/Qwen2.5-1.5B-Instruct --task gsm8k
 
 With probability beta (`--ppo.reset_prob`) a sample starts from a reset: the reference policy samples

@@ -1,6 +1,6 @@
 """REBEL: REinforcement Learning via Regressing Relative Rewards (Gao et al. 2024, arXiv:2404.16767).
 
-    python rebel.py                                   # embedded SmolLM2-135M + arithmetic, CPU, ~8 min
+    python rebel.py                                   # embedded SmolLM2-135M + arithmetic, 2 CPU cores, ~13 min
     accelerate launch --config_file configs/ddp.yaml rebel.py --model_name Qwen/Qwen2.5-1.5B-Instruct --task gsm8k
 
 For each prompt, sample two responses y, y' from the current policy pi_t, score them, and regress
