@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import tyro
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast, gather_object
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -125,6 +125,9 @@ class Args:
     # batches and optimiser
     num_iterations: int = 12
     """training iterations (one batch of prompts each)"""
+    max_train_seconds: float = 0.0
+    """stop after the iteration that passes this many seconds of training (evaluation not counted), then
+    evaluate and save as usual (0: no limit). A linear lr schedule still assumes --num_iterations"""
     prompts_per_iteration: int = 16
     """prompts per iteration, over all processes"""
     micro_batch_size: int = 8
@@ -301,7 +304,7 @@ if __name__ == "__main__":
             sums, count, scores, samples = evaluate(
                 policy_model, ref_model if with_kl else None, tokenizer, eval_rows, eval_ids, eval_mask, score_fn,
                 args.response_length, args.eval_temperature, args.eval_batch_size, args.seed,
-                ref_scores=ref_scores, verifiable=args.reward_model is None)
+                ref_scores=ref_scores, verifier=verifier)
         keys = sorted(sums)
         totals = accelerator.reduce(torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64, device=device), "sum")
         metrics = {f"eval/{k}": (totals[i] / totals[-1]).item() for i, k in enumerate(keys)}
@@ -319,6 +322,7 @@ if __name__ == "__main__":
     if start_iteration == 0:
         report(0, ref_metrics, ref_samples)
 
+    iteration, train_seconds = start_iteration, 0.0
     pbar = tqdm(range(start_iteration + 1, args.num_iterations + 1), desc=args.exp_name, disable=not accelerator.is_main_process,
                 initial=start_iteration, total=args.num_iterations)
     try:
@@ -441,6 +445,9 @@ if __name__ == "__main__":
                              len=f"{metrics['val/response_length']:.1f}", s_it=f"{seconds:.1f}")
             if args.save_every and iteration % args.save_every == 0:
                 save_checkpoint(accelerator, os.path.join(run_dir, "checkpoints", f"iter_{iteration}"), iteration)
+            train_seconds += seconds
+            if args.max_train_seconds and broadcast(torch.tensor([train_seconds], device=device)).item() >= args.max_train_seconds:
+                break  # process 0's clock decides, so every process stops after the same iteration
     except BaseException:
         if accelerator.num_processes == 1:  # keep what was trained; several processes cannot agree on this safely
             save_model(accelerator.unwrap_model(model).policy, tokenizer, os.path.join(run_dir, "model_interrupted"))
@@ -451,7 +458,7 @@ if __name__ == "__main__":
     final_metrics, _, final_samples = run_evaluation(accelerator.unwrap_model(model).policy, ref_scores)
     checksums = accelerator.gather(torch.tensor([param_checksum(accelerator.unwrap_model(model))], dtype=torch.float64, device=device))
     final_metrics["dist/param_checksum_spread"] = (checksums.max() - checksums.min()).item()
-    report(args.num_iterations, final_metrics, final_samples)
+    report(iteration, final_metrics, final_samples)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model).policy, tokenizer, os.path.join(run_dir, "model"))

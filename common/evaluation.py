@@ -2,18 +2,21 @@
 import torch
 
 from common.generation import batched_logprobs, generate, truncate_after_eos
+from common.rewards import score_with_verifier
 
 
 @torch.no_grad()
 def evaluate(model, ref_model, tokenizer, rows, query_ids, query_mask, score_fn, response_length: int,
-             temperature: float, batch_size: int, seed: int, ref_scores=None, verifiable: bool = True):
+             temperature: float, batch_size: int, seed: int, ref_scores=None, verifier=None):
     """Generate on held-out `rows` (this process's share) and measure them.
 
     temperature 0 decodes greedily. KL is the mean over prompts of the summed log-ratio
     log pi(y|x) - log ref(y|x) of the evaluated responses (log-probs at `temperature`, or 1 when
     greedy); an unbiased estimate of KL(pi || ref) when sampling. `ref_scores` (B,) are the
     reference policy's scores on the same prompts (from the evaluation before training), for the
-    win rate. Sampling uses its own seed, so evaluation leaves the training RNG untouched.
+    win rate. `verifier` (the task's, when it has one) gives the accuracy: the gold score, apart from
+    the reward `score_fn` gives, so a run on a learned reward model shows whether the gold score
+    follows the learned one. Sampling uses its own seed, so evaluation leaves the training RNG untouched.
     Returns metrics (sums and counts, to be reduced over processes), scores (B,) and samples.
     """
     sums = {"reward": 0.0, "accuracy": 0.0, "kl": 0.0, "win_rate": 0.0, "response_length": 0.0, "eos_rate": 0.0}
@@ -34,7 +37,8 @@ def evaluate(model, ref_model, tokenizer, rows, query_ids, query_mask, score_fn,
                 ref_lp = batched_logprobs(ref_model, query_responses, attention, response_length, temperature, batch_size)
                 sums["kl"] += ((lp - ref_lp) * mask).sum().item()
             sums["reward"] += scores.sum().item()
-            sums["accuracy"] += (scores > 0.5).float().sum().item()
+            if verifier is not None:
+                sums["accuracy"] += (score_with_verifier(verifier, batch, texts) > 0.5).float().sum().item()
             sums["response_length"] += lengths.float().sum().item()
             sums["eos_rate"] += has_eos.float().sum().item()
             if ref_scores is not None:
@@ -42,6 +46,6 @@ def evaluate(model, ref_model, tokenizer, rows, query_ids, query_mask, score_fn,
                 sums["win_rate"] += ((scores > ref).float() + 0.5 * (scores == ref).float()).sum().item()
             for row, text, s in zip(batch, texts, scores.tolist()):
                 samples.append({"id": row.get("id"), "prompt": row["prompt"], "response": text, "score": s})
-    drop = [k for k, on in (("kl", ref_model is not None), ("win_rate", ref_scores is not None), ("accuracy", verifiable)) if not on]
+    drop = [k for k, on in (("kl", ref_model is not None), ("win_rate", ref_scores is not None), ("accuracy", verifier is not None)) if not on]
     sums = {k: v for k, v in sums.items() if k not in drop}
     return sums, len(rows), torch.cat(all_scores) if all_scores else torch.zeros(0), samples

@@ -75,8 +75,11 @@ def test_grpo_smoke(tiny_model_dir, tmp_path):
 def test_grpo_with_reward_model(tiny_model_dir, tiny_reward_dir, tmp_path):
     run_script([sys.executable, "grpo.py", "--model_name", tiny_model_dir, "--reward_model", tiny_reward_dir,
                 "--output_dir", str(tmp_path), *TINY, "--num_iterations", "1", "--track"])  # wandb disabled in tests
-    final = read_jsonl(tmp_path / "grpo__1" / "metrics.jsonl")[-1]
-    assert "eval/reward" in final and "eval/accuracy" not in final  # a learned reward has no accuracy
+    rows = read_jsonl(tmp_path / "grpo__1" / "metrics.jsonl")
+    samples = [s for s in read_jsonl(tmp_path / "grpo__1" / "eval_samples.jsonl") if s["step"] == 1]
+    # eval/reward is the learned reward; eval/accuracy the task verifier's gold score of the same responses
+    assert abs(rows[-1]["eval/reward"] - sum(s["score"] for s in samples) / len(samples)) < 1e-6
+    assert "eval/accuracy" in rows[-1] and 0 <= rows[-1]["eval/accuracy"] <= 1
 
 
 def _weights(path):
