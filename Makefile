@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench compare clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ test: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmark/bench.py $(ARGS)
+
+# all six algorithm files, 3 seeds, equal samples: results table and plots in runs/compare
+compare: install
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmark/compare.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs

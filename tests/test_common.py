@@ -185,3 +185,29 @@ def test_exact_div_and_schedule():
     with pytest.raises(ValueError, match="not divisible"):
         exact_div(10, 4, "--prompts_per_iteration")
     assert linear_schedule("linear", 4)(2) == 0.5 and linear_schedule("constant", 4)(3) == 1.0
+
+
+def test_evaluate_reports_the_verifiers_gold_score_beside_a_learned_reward(tiny_model_dir, tokenizer):
+    """Under a learned reward, eval/reward is that reward and eval/accuracy the verifier's judgement of the same texts."""
+    from common.evaluation import evaluate
+    from common.models import load_causal_lm
+
+    model = load_causal_lm(tiny_model_dir, torch.device("cpu"), torch.float32)
+    rows = arith_rows("test", 6)
+    ids, mask = encode_prompts(tokenizer, rows, 128, "test")
+    seen = []
+
+    def learned(batch, texts):  # a "reward model" that likes long responses; the verifier disagrees
+        seen.extend(texts)
+        return torch.tensor([float(len(t)) for t in texts])
+
+    def verifier(row, text):  # a gold judge independent of the learned reward: prompts of even length pass
+        return float(len(row["prompt"]) % 2 == 0)
+
+    sums, count, scores, _ = evaluate(model, None, tokenizer, rows, ids, mask, learned, 6, 0.0, 4, 0, verifier=verifier)
+    gold = [verifier(r, t) for r, t in zip(rows, seen)]
+    assert 0 < sum(gold) < 6, "pick rows where the gold judge is neither all 0 nor all 1"
+    assert count == 6 and sums["reward"] == pytest.approx(sum(len(t) for t in seen))
+    assert sums["accuracy"] == sum(gold) and torch.equal(scores, torch.tensor([float(len(t)) for t in seen]))
+    sums, _, _, _ = evaluate(model, None, tokenizer, rows, ids, mask, learned, 6, 0.0, 4, 0, verifier=None)
+    assert "accuracy" not in sums  # no verifier (e.g. hh): no accuracy
