@@ -69,17 +69,40 @@ def score_with_verifier(verifier, rows, responses):
     return torch.tensor(scores, dtype=torch.float32)
 
 
+def reward_model_texts(reward_tokenizer, rows, responses):
+    """What a reward model reads: the prompt as `format_prompt` writes it for the reward model's tokenizer,
+    then the response text as decoded (special tokens, EOS included, skipped). reward.py trains on the same."""
+    return [format_prompt(reward_tokenizer, row) + text for row, text in zip(rows, responses)]
+
+
+def encode_for_reward_model(reward_tokenizer, texts, max_length: int = 2048):
+    """Padded ids and attention mask (B, L) of `reward_model_texts`, no special tokens added (the template has them)."""
+    return reward_tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                            add_special_tokens=False)
+
+
+def normalize_rewards(scores, config):
+    """(r - config.reward_mean) / config.reward_std where the reward model stores them (reward.py --normalize), else r: (B,) -> (B,)."""
+    mean, std = getattr(config, "reward_mean", None), getattr(config, "reward_std", None)
+    if mean is None or std is None:
+        return scores
+    return (scores - mean) / std
+
+
 @torch.no_grad()
 def score_with_reward_model(reward_model, reward_tokenizer, rows, responses, batch_size: int, max_length: int = 2048):
-    """Reward-model scores of prompt + response texts: -> (B,) float tensor on CPU."""
-    texts = [format_prompt(reward_tokenizer, row) + text for row, text in zip(rows, responses)]
+    """Reward-model scores of prompt + response texts: -> (B,) float tensor on CPU.
+
+    A reward model saved by reward.py with --normalize stores the mean and std of its raw scores on
+    a reference set in its config; the scores returned are then (r - mean) / std.
+    """
+    texts = reward_model_texts(reward_tokenizer, rows, responses)
     device = next(reward_model.parameters()).device
     scores = []
     for i in range(0, len(texts), batch_size):
-        enc = reward_tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                               max_length=max_length, add_special_tokens=False).to(device)
+        enc = encode_for_reward_model(reward_tokenizer, texts[i:i + batch_size], max_length).to(device)
         scores.append(reward_model(**enc).logits[:, 0].float().cpu())
-    scores = torch.cat(scores)
+    scores = normalize_rewards(torch.cat(scores), reward_model.config)
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
     if bad:
         raise RewardError(f"reward model returned {scores[bad[0]].item()} on row {rows[bad[0]].get('id')} "

@@ -3,9 +3,12 @@
 - `arith` (embedded, offline, the default): short arithmetic and comparison questions checked by a
   verifier; demonstrations are correct answers, chosen/rejected pairs a correct and a wrong one.
 - `gsm8k`: openai/gsm8k (config "main"), columns `question`, `answer` (worked solution ending "#### n"); verifier.
-- `tldr`: trl-lib/tldr, columns `prompt`, `completion`; needs --reward_model.
+- `tldr`: trl-lib/tldr, columns `prompt`, `completion`; needs --reward_model. Its preference pairs
+  (reward.py) come from trl-lib/tldr-preference, columns `prompt`, `chosen`, `rejected`.
 - `hh`: Anthropic/hh-rlhf (data_dir "harmless-base"), columns `chosen`, `rejected` (whole dialogues); needs --reward_model.
 Every task also reads local .json/.jsonl(.gz)/.parquet files with the hub's columns (`data_files`).
+`load_task` gives the rows the policy trains on (and SFT's demonstrations); `load_preference_task`
+gives chosen/rejected pairs for a reward model.
 """
 import gzip
 import hashlib
@@ -19,6 +22,10 @@ HUB = {  # task -> (dataset id, config or data_dir, {our split: hub split})
     "hh": ("Anthropic/hh-rlhf", "harmless-base", {"train": "train", "test": "test"}),
 }
 COLUMNS = {"gsm8k": ("question", "answer"), "tldr": ("prompt", "completion"), "hh": ("chosen", "rejected")}
+PREFERENCE_HUB = {  # task -> preference pairs for a reward model, where they are not the task's own rows
+    "tldr": ("trl-lib/tldr-preference", None, {"train": "train", "test": "validation"}),
+}
+PREFERENCE_COLUMNS = {"tldr": ("prompt", "chosen", "rejected")}
 VERIFIABLE = ("arith", "gsm8k")
 GSM8K_INSTRUCTION = "Solve the problem step by step, then write the final number after '####'."
 
@@ -102,10 +109,10 @@ def read_records(path: str):
     return records
 
 
-def _hub_records(task: str, split: str):
+def _hub_records(task: str, split: str, hub=HUB):
     import datasets
 
-    dataset_id, config, splits = HUB[task]
+    dataset_id, config, splits = hub[task]
     kwargs = {"data_dir": config} if task == "hh" else {"name": config} if config else {}
     return list(datasets.load_dataset(dataset_id, split=splits[split], **kwargs))
 
@@ -191,6 +198,33 @@ def load_task(task: str, split: str, data_files: str | None = None, num_rows: in
     else:
         source = f"{HUB[task][0]}[{HUB[task][2][split]}]"
         rows = _rows_from_records(task, _check_records(_hub_records(task, split), source, COLUMNS[task]), source)
+    if num_rows is not None:
+        rows = rows[:num_rows]
+    return rows
+
+
+def load_preference_task(task: str, split: str, data_files: str | None = None, num_rows: int | None = None, seed: int = 0):
+    """Rows with "prompt", "chosen" and "rejected" (responses only, the prompt apart) for a reward model.
+
+    arith and hh: the task's own rows. tldr: trl-lib/tldr-preference, or local files with its columns
+    (`prompt`, `chosen`, `rejected`; responses stripped, as `load_task` strips tldr's completions).
+    gsm8k has no pairs in its dataset: build them from policy samples (reward.py --pairs policy).
+    """
+    if task in ("arith", "hh"):
+        return load_task(task, split, data_files, num_rows, seed)
+    if task not in PREFERENCE_HUB:
+        raise DataError(f"task {task!r} has no chosen/rejected pairs in its dataset; "
+                        f"tasks with pairs: arith, hh, {', '.join(PREFERENCE_HUB)} (for a verifiable task use --pairs policy)")
+    columns = PREFERENCE_COLUMNS[task]
+    if data_files:
+        sources = [(path, read_records(path)) for path in data_files.split(",")]
+    else:
+        sources = [(f"{PREFERENCE_HUB[task][0]}[{PREFERENCE_HUB[task][2][split]}]", _hub_records(task, split, PREFERENCE_HUB))]
+    rows = []
+    for source, records in sources:
+        for i, r in _check_records(records, source, columns):
+            chosen, rejected = r["chosen"].strip(), r["rejected"].strip()
+            rows.append({"id": f"{source}:{i}", "prompt": r["prompt"], "response": chosen, "chosen": chosen, "rejected": rejected})
     if num_rows is not None:
         rows = rows[:num_rows]
     return rows

@@ -1,0 +1,306 @@
+"""SFT: supervised fine-tuning on a task's demonstrations, the first step of the RLHF pipeline
+(Stiennon et al. 2020; Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO", arXiv:2403.17031).
+
+    python sft.py                                     # embedded SmolLM2-135M on the arith demonstrations, CPU, ~8 min
+    python grpo.py --model_name runs/sft__1/model     # then RL from the fine-tuned model (reward.py for a reward model)
+    accelerate launch --config_file configs/ddp.yaml sft.py --model_name EleutherAI/pythia-1b-deduped --task tldr \\
+        --max_prompt_length 512 --max_response_length 64     # paper scale: benchmark/paper_scale.md
+
+Each example is the prompt as the policy sees it (`format_prompt`: the chat template when the
+tokenizer has one), then the dataset's reference response and EOS. The loss is the mean negative
+log-likelihood of the response tokens and the EOS over a minibatch; prompt tokens and padding
+carry no loss (label -100). Held-out loss, and for verifiable tasks held-out greedy accuracy, are
+measured before and after training; the model is saved in {output_dir}/{exp_name}__{seed}/model.
+
+Where this file departs from the summarize_from_feedback_details SFT and why:
+1. Padding, not packing: each sequence (prompt + response + EOS) is RIGHT-padded to the longest
+   one in its micro-batch, one example per row, so no example attends to another, positions need
+   no shift, and the loss mask is exact. Packing would save the padding's compute on GPUs.
+2. The loss covers the response and its EOS only; the prompt is context, as it is in RL.
+3. Demonstrations longer than --max_response_length tokens (EOS included) are skipped with a
+   count rather than truncated (a truncated one would teach the model to stop without EOS);
+   prompts longer than --max_prompt_length are refused, as in the algorithm files.
+4. CPU-sized defaults: 1 epoch over the 876 arith demonstrations, 16 per step (54 steps; the last
+   partial batch of each epoch is dropped), lr 3e-5 decaying linearly to 0: few steps on a small
+   model want the upper end of the usual 1e-5..5e-5 range. No warm-up. Paper-scale settings:
+   benchmark/paper_scale.md.
+"""
+import contextlib
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from common.evaluation import evaluate
+from common.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer, save_model
+from common.rewards import VERIFIERS, score_with_verifier
+from common.tasks import DataError, encode_prompts, format_prompt, load_task
+from common.tracking import (exact_div, format_samples, init_wandb, linear_schedule, log_metrics, param_checksum,
+                             peak_memory_gb, seed_everything, write_samples)
+
+
+@dataclass
+class Args:
+    # experiment
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """name of the run; the output folder is {output_dir}/{exp_name}__{seed}"""
+    seed: int = 1
+    """random seed (each process adds process_index * 100003)"""
+    output_dir: str = "runs"
+    """where run folders go: metrics.jsonl, eval_samples.jsonl, model/"""
+    track: bool = False
+    """log to Weights & Biases too"""
+    wandb_project: str = "resetrl"
+    """wandb project name"""
+
+    # models
+    model_name: str = EMBEDDED_MODEL
+    """the causal LM to fine-tune: hub id or local folder (the default falls back to the packaged copy offline)"""
+    trust_remote_code: bool = False
+    """allow models whose code lives in their repository"""
+
+    # task
+    task: str = "arith"
+    """arith (embedded, offline), gsm8k, tldr or hh: its rows' prompt and reference response"""
+    data_files: Optional[str] = None
+    """local .json/.jsonl/.parquet training file(s), comma-separated, with the task's hub columns"""
+    eval_data_files: Optional[str] = None
+    """local held-out file(s), same columns"""
+    num_train_rows: Optional[int] = None
+    """use the first N training demonstrations (default: all)"""
+    num_eval_prompts: int = 250
+    """held-out demonstrations for the loss, and prompts for the accuracy"""
+    max_prompt_length: int = 256
+    """longest prompt in tokens; longer prompts are refused before training"""
+    max_response_length: int = 24
+    """longest demonstration in tokens, EOS included (longer ones are skipped, with a count); also the
+    tokens generated per held-out prompt when measuring accuracy"""
+
+    # batches and optimiser
+    epochs: int = 1
+    """passes over the training demonstrations"""
+    batch_size: int = 16
+    """demonstrations per optimizer step, over all processes"""
+    micro_batch_size: int = 16
+    """sequences per forward/backward on one process (gradient accumulation fills the batch)"""
+    learning_rate: float = 3e-5
+    """AdamW learning rate"""
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    """learning-rate schedule over the optimizer steps"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    eval_every: int = 0
+    """evaluate every N optimizer steps (0: only before and after training)"""
+    eval_batch_size: int = 64
+    """prompts (or demonstrations, for the loss) per evaluation batch"""
+
+    # derived right after parsing (not flags)
+    world_size: tyro.conf.Suppress[int] = 0
+    """number of processes"""
+    local_batch_size: tyro.conf.Suppress[int] = 0
+    """demonstrations per optimizer step on this process"""
+    grad_accum_steps: tyro.conf.Suppress[int] = 0
+    """micro-batches per optimizer step"""
+
+
+def build_sft_example(tokenizer, row):
+    """Token ids of one demonstration: (prompt ids as `format_prompt` writes the prompt, response ids + EOS)."""
+    prompt = tokenizer(format_prompt(tokenizer, row), add_special_tokens=False)["input_ids"]
+    response = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt, response
+
+
+def collate_sft(examples, pad_token_id: int):
+    """Right-pad (prompt, response) id lists into input_ids, attention_mask, labels: each (B, L).
+
+    labels equal input_ids on the response and its EOS, and -100 on prompt and padding positions.
+    """
+    L = max(len(p) + len(r) for p, r in examples)
+    input_ids = torch.full((len(examples), L), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), L), dtype=torch.long)
+    labels = torch.full((len(examples), L), -100, dtype=torch.long)
+    for i, (prompt, response) in enumerate(examples):
+        n = len(prompt) + len(response)
+        input_ids[i, :n] = torch.tensor(prompt + response, dtype=torch.long)
+        attention_mask[i, :n] = 1
+        labels[i, len(prompt):n] = torch.tensor(response, dtype=torch.long)
+    return input_ids, attention_mask, labels
+
+
+def response_nll(model, input_ids, attention_mask, labels):
+    """Summed negative log-likelihood of the labelled tokens and their count: (B, L) -> scalars.
+
+    Only positions from the shortest prompt on go through the LM head (`logits_to_keep`), which
+    saves the largest matrix product on long prompts.
+    """
+    start = int((labels != -100).int().argmax(dim=1).min())  # first labelled position of any row
+    start = max(start, 1)  # position 0 predicts nothing in this sequence
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=input_ids.shape[1] - start + 1,
+                   use_cache=False).logits  # (B, L - start + 1, V): positions start-1 .. L-1
+    targets = labels[:, start:]  # (B, L - start): tokens start .. L-1
+    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    return nll, (targets != -100).sum()
+
+
+def keep_fitting(tokenizer, rows, max_response_length: int, what: str):
+    """Tokenised demonstrations whose response + EOS fits `max_response_length`; prints the count skipped."""
+    examples = [build_sft_example(tokenizer, row) for row in rows]
+    kept = [i for i, (_, response) in enumerate(examples) if len(response) <= max_response_length]
+    if len(kept) < len(rows):
+        first = next(i for i in range(len(rows)) if i not in set(kept))
+        print(f"[sft] {what}: skipped {len(rows) - len(kept)} of {len(rows)} demonstration(s) longer than "
+              f"--max_response_length {max_response_length} tokens with EOS (first: row {rows[first].get('id')}, "
+              f"{len(examples[first][1])} tokens); raise --max_response_length to keep them")
+    if not kept:
+        raise DataError(f"{what}: every demonstration is longer than --max_response_length {max_response_length} tokens")
+    return [rows[i] for i in kept], [examples[i] for i in kept]
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args, use_underscores=True)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True lets torchrun/accelerate use gloo on CPU
+    args.world_size = accelerator.num_processes
+    args.local_batch_size = exact_div(args.batch_size, args.world_size, "--batch_size over processes")
+    args.grad_accum_steps = exact_div(args.local_batch_size, args.micro_batch_size, "batch size per process over --micro_batch_size")
+    seed_everything(args.seed + accelerator.process_index * 100003)
+    device = accelerator.device
+    run_dir = os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}")
+    metrics_path, samples_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "eval_samples.jsonl")
+    if accelerator.is_main_process:
+        os.makedirs(run_dir, exist_ok=True)
+        for path in (metrics_path, samples_path):
+            open(path, "w").close()
+
+    # data: every check on the input happens here, before any training time is spent
+    tokenizer = load_tokenizer(args.model_name, args.trust_remote_code)
+    train_rows = load_task(args.task, "train", args.data_files, args.num_train_rows, args.seed)
+    eval_rows = load_task(args.task, "test", args.eval_data_files, args.num_eval_prompts)
+    encode_prompts(tokenizer, train_rows, args.max_prompt_length, f"task {args.task} train")  # refuses over-long prompts
+    train_rows, train_examples = keep_fitting(tokenizer, train_rows, args.max_response_length, f"task {args.task} train")
+    eval_rows, eval_examples = keep_fitting(tokenizer, eval_rows, args.max_response_length, f"task {args.task} test")
+    if len(train_examples) < args.batch_size:
+        raise ValueError(f"{len(train_examples)} training demonstrations, fewer than --batch_size {args.batch_size}")
+    verifier = VERIFIERS.get(args.task)
+    num_eval = len(eval_rows)
+    my_eval = slice(accelerator.process_index, None, args.world_size)
+    eval_rows, eval_examples = eval_rows[my_eval], eval_examples[my_eval]
+    eval_ids, eval_mask = encode_prompts(tokenizer, eval_rows, args.max_prompt_length, f"task {args.task} test")
+    eval_ids, eval_mask = eval_ids.to(device), eval_mask.to(device)
+
+    # model and optimiser: fp32 weights (mixed precision on GPU via accelerate)
+    model = load_causal_lm(args.model_name, device, torch.float32, args.trust_remote_code)
+    context = args.max_prompt_length + args.max_response_length
+    if context > getattr(model.config, "max_position_embeddings", context):
+        raise ValueError(f"--max_prompt_length + --max_response_length = {context} exceeds the model's context "
+                         f"({model.config.max_position_embeddings} tokens); lower one of them")
+    steps_per_epoch = len(train_examples) // args.batch_size  # the last partial batch of each epoch is dropped
+    total_steps = args.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(args.lr_schedule, total_steps))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    wandb_run = init_wandb(args.track and accelerator.is_main_process, args.wandb_project, f"{args.exp_name}__{args.seed}", asdict(args), run_dir)
+
+    def run_evaluation(ref_scores):
+        """Held-out loss on every process's share of the demonstrations, and greedy accuracy on verifiable tasks."""
+        net = accelerator.unwrap_model(model)
+        net.eval()
+        sums = {"loss": 0.0}
+        tokens, samples, scores = 0, [], None
+        with torch.no_grad(), accelerator.autocast():
+            for i in range(0, len(eval_examples), args.eval_batch_size):
+                input_ids, attention_mask, labels = collate_sft(eval_examples[i:i + args.eval_batch_size], tokenizer.pad_token_id)
+                nll, count = response_nll(net, input_ids.to(device), attention_mask.to(device), labels.to(device))
+                sums["loss"] += nll.item()
+                tokens += count.item()
+            if verifier is not None:
+                gen_sums, count, scores, samples = evaluate(
+                    net, None, tokenizer, eval_rows, eval_ids, eval_mask, lambda rows, texts: score_with_verifier(verifier, rows, texts),
+                    args.max_response_length, 0.0, args.eval_batch_size, args.seed, ref_scores=ref_scores, verifier=verifier)
+                sums.update(gen_sums)  # reward, accuracy, response_length, eos_rate (and win_rate): sums over prompts
+        net.train()
+        keys = sorted(sums)
+        totals = accelerator.reduce(torch.tensor([sums[k] for k in keys] + [tokens, len(eval_rows)], dtype=torch.float64, device=device), "sum")
+        metrics = {f"eval/{k}": (totals[i] / (totals[-2] if k == "loss" else totals[-1])).item() for i, k in enumerate(keys)}
+        return metrics, scores, gather_object(samples)
+
+    def report(step, metrics, samples):
+        if accelerator.is_main_process:
+            log_metrics(metrics, step, metrics_path, wandb_run)
+            write_samples(samples, samples_path, step, wandb_run)
+            tqdm.write(f"[eval @ {step}] " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+                       + ("\n" + format_samples(samples) if samples else ""))
+
+    # evaluation before training: the model as loaded
+    before, ref_scores, samples = run_evaluation(None)
+    report(0, before, samples)
+
+    # training: the same shuffled order on every process (from the seed and epoch), each takes its share of every batch
+    model.train()
+    step = 0
+    pbar = tqdm(total=total_steps, desc="sft", disable=not accelerator.is_main_process)
+    try:
+        for epoch in range(args.epochs):
+            order = np.random.default_rng([args.seed, epoch]).permutation(len(train_examples))
+            for batch_start in range(0, steps_per_epoch * args.batch_size, args.batch_size):
+                start_time = time.time()
+                mine = order[batch_start: batch_start + args.batch_size][accelerator.process_index:: args.world_size]
+                batch = [train_examples[i] for i in mine]
+                num_tokens = sum(len(response) for _, response in batch)  # the minibatch's loss normaliser
+                loss_sum, trained_tokens = 0.0, 0
+                for k in range(args.grad_accum_steps):
+                    micro = batch[k * args.micro_batch_size: (k + 1) * args.micro_batch_size]
+                    input_ids, attention_mask, labels = collate_sft(micro, tokenizer.pad_token_id)  # (b, L) each
+                    with contextlib.nullcontext() if k == args.grad_accum_steps - 1 else accelerator.no_sync(model), accelerator.autocast():
+                        nll, _ = response_nll(model, input_ids.to(device), attention_mask.to(device), labels.to(device))
+                        accelerator.backward(nll / num_tokens)
+                    loss_sum += nll.item()
+                    trained_tokens += int(attention_mask.sum())
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+                step += 1
+
+                seconds = time.time() - start_time
+                loss = accelerator.reduce(torch.tensor([loss_sum / num_tokens], dtype=torch.float64, device=device), "mean").item()
+                metrics = {"loss/sft": loss, "lr": scheduler.get_last_lr()[0], "episode": step * args.batch_size, "epoch": epoch,
+                           "perf/seconds_per_iter": seconds, "perf/tokens_per_second": trained_tokens * args.world_size / seconds,
+                           "perf/peak_memory_gb": peak_memory_gb(device)}
+                if args.eval_every and step % args.eval_every == 0 and step != total_steps:
+                    eval_metrics, _, samples = run_evaluation(ref_scores)
+                    metrics.update(eval_metrics)
+                    report(step, metrics, samples)
+                elif accelerator.is_main_process:
+                    log_metrics(metrics, step, metrics_path, wandb_run)
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{loss:.3f}", s_it=f"{seconds:.1f}")
+    except BaseException:
+        if accelerator.num_processes == 1:  # keep what was trained; several processes cannot agree on this safely
+            save_model(accelerator.unwrap_model(model), tokenizer, os.path.join(run_dir, "model_interrupted"))
+            print(f"[sft] stopped early: the current model is saved in {run_dir}/model_interrupted")
+        raise
+    pbar.close()
+
+    # final evaluation and the saved model
+    after, _, samples = run_evaluation(ref_scores)
+    checksums = accelerator.gather(torch.tensor([param_checksum(accelerator.unwrap_model(model))], dtype=torch.float64, device=device))
+    after["dist/param_checksum_spread"] = (checksums.max() - checksums.min()).item()
+    report(step, after, samples)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), tokenizer, os.path.join(run_dir, "model"))
+        summary = "  ".join(f"{k.split('/')[1]} {before[k]:.3f} -> {after[k]:.3f}" for k in ("eval/loss", "eval/accuracy") if k in after)
+        print(f"[sft] before -> after on {num_eval} held-out demonstrations: {summary}\n"
+              f"[sft] metrics, samples and the model (from_pretrained; pass it as --model_name) are in {run_dir}")
+    if wandb_run is not None:
+        wandb_run.finish()
