@@ -201,12 +201,12 @@ def fmt(m_se, digits=3) -> str:
 def results_table(stats: dict) -> str:
     """The Markdown table: one row per algorithm."""
     lines = ["| algorithm | seeds | samples | held-out reward | accuracy | KL to ref | win rate vs ref | s / iteration | "
-             "generated tokens / s | peak memory GB | training s | wall s per run |",
+             "generated tokens / s | peak memory GB | training s (+ stage 1) | wall s per run |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in stats.items():
         lines.append(f"| {NAMES.get(name, name)} | {s['seeds']} | {s['samples'][0]:.0f} | {fmt(s['reward'])} | {fmt(s['accuracy'])} | "
                      f"{fmt(s['kl'], 2)} | {fmt(s['win_rate'])} | {fmt(s['seconds_per_iter'], 1)} | {fmt(s['tokens_per_second'], 1)} | "
-                     f"{fmt(s['peak_memory_gb'], 2)} | {fmt(s['train_seconds'], 0)} | {fmt(s['wall_seconds'], 0)} |")
+                     f"{fmt(s['peak_memory_gb'], 2)} | {fmt(total_seconds(s), 0)} | {fmt(s['wall_seconds'], 0)} |")
     return "\n".join(lines)
 
 
@@ -216,6 +216,12 @@ def _better(a, b) -> str:
     if se == 0 or math.isnan(se):
         return "higher" if diff > 0 else "lower" if diff < 0 else "equal"
     return "higher" if diff > 2 * se else "lower" if diff < -2 * se else "within noise (|diff| < 2 SE)"
+
+
+def total_seconds(s: dict) -> tuple[float, float]:
+    """Training seconds plus A*-PO's stage 1 (mean, SE): the compute a method spends for its samples."""
+    return s["train_seconds"][0] + s["stage1_seconds"][0], math.sqrt(np.nan_to_num(s["train_seconds"][1]) ** 2
+                                                                   + np.nan_to_num(s["stage1_seconds"][1]) ** 2)
 
 
 def findings(stats: dict) -> list:
@@ -236,10 +242,10 @@ def findings(stats: dict) -> list:
         for other in ("ppo", "grpo"):
             if other in stats:
                 o = stats[other]
+                cost = total_seconds(s)
                 out.append(f"- Claim: {NAMES[cheap]} is cheaper than {NAMES[other]}. Here, for the same samples: training "
-                           f"{fmt(s['train_seconds'], 0)} s vs {fmt(o['train_seconds'], 0)} s "
-                           f"({_better(s['train_seconds'], o['train_seconds'])})"
-                           + (f" (+{s['stage1_seconds'][0]:.0f} s of stage 1)" if s['stage1_seconds'][0] > 0 else "")
+                           f"{fmt(cost, 0)} s vs {fmt(total_seconds(o), 0)} s ({_better(cost, total_seconds(o))})"
+                           + (f" (of which stage 1: {s['stage1_seconds'][0]:.0f} s)" if s['stage1_seconds'][0] > 0 else "")
                            + f", peak memory {fmt(s['peak_memory_gb'], 2)} vs {fmt(o['peak_memory_gb'], 2)} GB "
                            f"({_better(s['peak_memory_gb'], o['peak_memory_gb'])}).")
     return out
