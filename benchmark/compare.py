@@ -220,8 +220,8 @@ def _better(a, b) -> str:
 
 def total_seconds(s: dict) -> tuple[float, float]:
     """Training seconds plus A*-PO's stage 1 (mean, SE): the compute a method spends for its samples."""
-    return s["train_seconds"][0] + s["stage1_seconds"][0], math.sqrt(np.nan_to_num(s["train_seconds"][1]) ** 2
-                                                                   + np.nan_to_num(s["stage1_seconds"][1]) ** 2)
+    se = math.sqrt(s["train_seconds"][1] ** 2 + np.nan_to_num(s["stage1_seconds"][1]) ** 2)  # nan with one seed
+    return s["train_seconds"][0] + s["stage1_seconds"][0], se
 
 
 def findings(stats: dict) -> list:
