@@ -213,7 +213,7 @@ def model_fingerprint(name: str) -> str:
 def preference_accuracy_and_loss(rewards_chosen, rewards_rejected):
     """Sums over pairs of [r_c > r_r], the BT loss and the margin r_c - r_r: (B,), (B,) -> dict of floats."""
     return {"preference_accuracy": (rewards_chosen > rewards_rejected).float().sum().item(),
-            "loss": -F.logsigmoid(rewards_chosen - rewards_rejected).sum().item(),
+            "loss": bradley_terry_loss(rewards_chosen, rewards_rejected).item() * len(rewards_chosen),
             "margin": (rewards_chosen - rewards_rejected).sum().item()}
 
 
