@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench compare clean
+.PHONY: install demo test lint bench compare clean
 
 install: $(VENV)/.installed
 
@@ -19,8 +19,12 @@ $(VENV)/.installed: requirements.txt
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python grpo.py $(ARGS)
 
-test: install
+# the lint check (ruff: line length, unused names, likely bugs), then the test suite
+test: lint
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(BIN)/python -m pytest $(ARGS)
+
+lint: install
+	$(BIN)/ruff check .
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmark/bench.py $(ARGS)

@@ -9,47 +9,26 @@ the difference of their rewards with the difference of the policy's log-ratios t
 with sequence log-probs (sums over the real tokens) and R = score - kl_coef * sum_t (lp - lp_ref).
 No value model, no advantages, no clipping: a few epochs of least squares on each batch.
 
-eta: the paper (Algorithm 1) regresses (1/eta) (log-ratio difference) onto r(x,y) - r(x,y'); the
-1/eta scales the log-ratios, not the rewards. Multiplying inside the square by eta gives this file's
-form (the authors' code's): the log-ratio difference is regressed onto eta (r(x,y) - r(x,y')). It is
-the same eta with the same minimiser (the loss is the paper's times eta^2): the step size of the
-mirror-descent update pi_{t+1} ~ pi_t exp(eta r), so 1/eta weighs the KL to pi_t. Larger eta, larger steps.
-
 Where this file departs from the paper and why:
-1. KL coefficient 0 by default (the authors used 0.05 on TL;DR): on a CPU-sized budget the policy
-   barely moves from the reference, and with 0 no reference model is held during training. The
-   evaluation still reports KL to the reference (it loads a frozen copy for that).
-2. Two epochs over each batch in one minibatch (the authors used 4 epochs and several minibatches):
-   with one minibatch the first epoch runs before any optimizer step, so its log-probs are pi_t's
-   and no separate forward pass computes them.
-3. eta = 2 and learning rate 3e-6 (the authors used eta = 1 and 3e-6 on TL;DR, whose reward-model
-   scores spread wider than 0/1): with 0/1 verifier rewards a pair with one correct answer asks for
-   a log-ratio difference of 2 nats per iteration, about what one optimizer step moved SmolLM2-135M
-   (measured on one batch: ~1.7 nats at 2e-6, ~3.6 at 5e-6); a pair with equal scores asks for none.
-4. No fixed score for responses without EOS (the authors' TL;DR code gives them -1): a verifier
-   already scores an unfinished answer. Responses are sampled to a fixed length and cut after their
-   first EOS (pure sampling at `--temperature`), so the log-probs scored are the sampler's.
+1. KL coefficient 0 by default (the authors used 0.05 on TL;DR): on a CPU-sized budget the policy barely moves
+   from the reference, and with 0 no reference model is held in training (evaluation loads one for the KL).
+2. eta multiplies the reward difference, as in the authors' code (the paper divides the log-ratio
+   difference by it: same minimiser, same step size of pi_{t+1} ~ pi_t exp(eta r)). eta = 2, not 1: with
+   0/1 rewards a pair with one correct answer then asks for 2 nats, about one optimizer step at lr 3e-6.
+3. Two epochs in one minibatch (the authors used 4 epochs and several minibatches): the first epoch
+   runs before any optimizer step, so its log-probs are pi_t's and no extra forward pass is needed.
+4. No fixed score for responses without EOS (the authors' code gives them -1): a verifier scores them.
 """
-import contextlib
-import os
-import time
-from dataclasses import asdict, dataclass, field
-from typing import Literal, Optional
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import tyro
-from accelerate import Accelerator
-from accelerate.utils import broadcast, gather_object
-from tqdm.auto import tqdm
 
-from common.evaluation import evaluate
-from common.generation import batched_logprobs, forward_logprobs, generate, truncate_after_eos
-from common.models import EMBEDDED_MODEL, default_dtype, load_causal_lm, load_reward_model, load_tokenizer, save_model
-from common.rewards import VERIFIERS, score
-from common.tasks import VERIFIABLE, encode_prompts, load_task
-from common.tracking import (exact_div, format_samples, init_wandb, linear_schedule, load_checkpoint, log_metrics,
-                             param_checksum, peak_memory_gb, save_checkpoint, seed_everything, write_samples)
+from common.config import BaseArgs, check_flags
+from common.generation import forward_logprobs
+from common.run import (end_iteration, finish_run, iterations, logprobs_of, rollout, sample_prompts,
+                        save_on_failure, setup_run, start_training)
+from common.training import make_optimizer, masked_mean, micro_batches, minibatches, optimizer_step
 
 
 @dataclass
@@ -58,102 +37,24 @@ class RebelHParams:
     """eta: the log-ratio difference is regressed onto eta * (R(y) - R(y')) (the paper's eta; larger = larger steps)"""
     kl_coef: float = 0.0
     """weight of the summed KL estimate sum_t (lp - lp_ref) in the reward R (0: no reference model in training)"""
-    num_epochs: int = 2
-    """passes of optimisation over each batch (the regression is solved approximately by a few epochs)"""
-    num_minibatches: int = 1
-    """optimizer steps per pass over the batch (minibatches hold whole pairs)"""
+
+    def __post_init__(self):
+        check_flags(self, "rebel", eta="> 0", kl_coef=">= 0")
 
 
 @dataclass
-class Args:
-    # experiment
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """name of the run; the output folder is {output_dir}/{exp_name}__{seed}"""
-    seed: int = 1
-    """random seed (each process adds process_index * 100003)"""
-    output_dir: str = "runs"
-    """where run folders go: metrics.jsonl, eval_samples.jsonl, model/, checkpoints/"""
-    track: bool = False
-    """log to Weights & Biases too"""
-    wandb_project: str = "resetrl"
-    """wandb project name"""
-    save_every: int = 0
-    """write a resumable checkpoint every N iterations (0: never)"""
-    resume_from: Optional[str] = None
-    """checkpoint folder (written by --save_every) to continue from"""
-
-    # models
-    model_name: str = EMBEDDED_MODEL
-    """policy and reference: hub id or local folder (the default falls back to the packaged copy offline)"""
-    reward_model: Optional[str] = None
-    """sequence-classification reward model (hub id or folder); default: the task's verifier"""
-    trust_remote_code: bool = False
-    """allow models whose code lives in their repository"""
-
-    # task
-    task: str = "arith"
-    """arith (embedded, offline), gsm8k, tldr or hh"""
-    data_files: Optional[str] = None
-    """local .json/.jsonl/.parquet training file(s), comma-separated, with the task's hub columns"""
-    eval_data_files: Optional[str] = None
-    """local held-out file(s), same columns"""
-    num_train_prompts: Optional[int] = None
-    """use the first N training prompts (default: all)"""
-    num_eval_prompts: int = 250
-    """held-out prompts evaluated"""
-    max_prompt_length: int = 256
-    """longest prompt in tokens; longer prompts are refused before training"""
-    response_length: int = 24
-    """tokens sampled per response (cut after the first EOS)"""
-    temperature: float = 0.7
-    """sampling temperature for training rollouts (log-probs use the same)"""
-    eval_temperature: float = 0.0
-    """sampling temperature for evaluation (0: greedy)"""
-
-    # batches and optimiser
+class Args(BaseArgs):
     num_iterations: int = 24
-    """training iterations (one batch of prompts each)"""
-    max_train_seconds: float = 0.0
-    """stop after the iteration that passes this many seconds of training (evaluation not counted), then
-    evaluate and save as usual (0: no limit). A linear lr schedule still assumes --num_iterations"""
+    num_epochs: int = 2
     prompts_per_iteration: int = 16
-    """prompts per iteration, over all processes"""
-    micro_batch_size: int = 16
-    """sequences per forward/backward on one process (gradient accumulation fills the minibatch)"""
     learning_rate: float = 3e-6
-    """AdamW learning rate"""
-    lr_schedule: Literal["linear", "constant"] = "constant"
-    """learning-rate schedule over the optimizer steps"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    max_grad_norm: float = 1.0
-    """gradient clipping norm"""
-    eval_every: int = 0
-    """evaluate every N iterations (0: only before and after training)"""
-    eval_batch_size: int = 64
-    """prompts per evaluation batch"""
-
     rebel: RebelHParams = field(default_factory=RebelHParams)
-
-    # derived right after parsing (not flags)
-    world_size: tyro.conf.Suppress[int] = 0
-    """number of processes"""
-    local_prompts: tyro.conf.Suppress[int] = 0
-    """prompts per iteration on this process"""
-    local_batch_size: tyro.conf.Suppress[int] = 0
-    """sequences per iteration on this process"""
-    mini_batch_size: tyro.conf.Suppress[int] = 0
-    """sequences per optimizer step on this process"""
-    grad_accum_steps: tyro.conf.Suppress[int] = 0
-    """micro-batches per optimizer step"""
 
 
 # ALGO LOGIC: least-squares regression of the reward difference of two responses
 def rebel_loss(logprobs, old_logprobs, mask, rewards, eta: float):
-    """Squared error per pair: (B, T) log-probs of pi and pi_t, (B, T) mask, (B,) rewards, pairs in consecutive rows -> (B/2,).
-
-    ((log pi(y)/pi_t(y) - log pi(y')/pi_t(y')) - eta (R(y) - R(y')))^2, log-probs summed over real tokens.
-    """
+    """((log pi(y)/pi_t(y) - log pi(y')/pi_t(y')) - eta (R(y) - R(y')))^2 per pair of consecutive rows, log-probs
+    summed over the real tokens: (B, T) log-probs of pi and pi_t, (B, T) mask, (B,) rewards -> (B/2,)."""
     log_ratio = ((logprobs - old_logprobs) * mask).sum(dim=1).view(-1, 2)  # (B/2, 2)
     reward = rewards.view(-1, 2)  # (B/2, 2)
     return ((log_ratio[:, 0] - log_ratio[:, 1]) - eta * (reward[:, 0] - reward[:, 1])) ** 2
@@ -161,210 +62,61 @@ def rebel_loss(logprobs, old_logprobs, mask, rewards, eta: float):
 
 if __name__ == "__main__":
     args = tyro.cli(Args, use_underscores=True)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True lets torchrun/accelerate use gloo on CPU
     G = 2  # REBEL compares two responses per prompt
-    args.world_size = accelerator.num_processes
-    args.local_prompts = exact_div(args.prompts_per_iteration, args.world_size, "--prompts_per_iteration over processes")
-    args.local_batch_size = args.local_prompts * G
-    args.mini_batch_size = G * exact_div(args.local_prompts, args.rebel.num_minibatches,
-                                         "pairs per process (prompts_per_iteration / processes) over --rebel.num_minibatches")
-    exact_div(args.micro_batch_size, G, "--micro_batch_size must hold whole pairs")
-    args.grad_accum_steps = exact_div(args.mini_batch_size, args.micro_batch_size, "minibatch size over --micro_batch_size")
-    seed_everything(args.seed + accelerator.process_index * 100003)
-    device = accelerator.device
-    run_dir = os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}")
-    metrics_path, samples_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "eval_samples.jsonl")
-    if accelerator.is_main_process:
-        os.makedirs(run_dir, exist_ok=True)
-        if args.resume_from is None:
-            for path in (metrics_path, samples_path):
-                open(path, "w").close()
-
-    # data: every check on the input happens here, before any training time is spent
-    if args.reward_model is None and args.task not in VERIFIABLE:
-        raise ValueError(f"task {args.task} has no verifier: pass --reward_model (a sequence-classification model)")
-    tokenizer = load_tokenizer(args.model_name, args.trust_remote_code)
-    train_rows = load_task(args.task, "train", args.data_files, args.num_train_prompts, args.seed)
-    eval_rows = load_task(args.task, "test", args.eval_data_files, args.num_eval_prompts)
-    if len(train_rows) < args.prompts_per_iteration:
-        raise ValueError(f"{len(train_rows)} training prompts, fewer than --prompts_per_iteration {args.prompts_per_iteration}")
-    train_ids, train_mask = encode_prompts(tokenizer, train_rows, args.max_prompt_length, f"task {args.task} train")
-    eval_ids, eval_mask = encode_prompts(tokenizer, eval_rows, args.max_prompt_length, f"task {args.task} test")
-    my_eval = slice(accelerator.process_index, None, args.world_size)
-    eval_rows, eval_ids, eval_mask = eval_rows[my_eval], eval_ids[my_eval].to(device), eval_mask[my_eval].to(device)
-
-    # models: the policy trains in fp32 (mixed precision on GPU via accelerate); frozen models in bf16 where supported
-    policy = load_causal_lm(args.model_name, device, torch.float32, args.trust_remote_code)
-    context = args.max_prompt_length + args.response_length
-    if context > getattr(policy.config, "max_position_embeddings", context):
-        raise ValueError(f"--max_prompt_length + --response_length = {context} exceeds the model's context "
-                         f"({policy.config.max_position_embeddings} tokens); lower one of them")
-    frozen_dtype = default_dtype(device)
-    ref_model = load_causal_lm(args.model_name, device, frozen_dtype, args.trust_remote_code).eval() if args.rebel.kl_coef > 0 else None
-    reward_model = reward_tokenizer = None
-    if args.reward_model is not None:
-        reward_tokenizer = load_tokenizer(args.reward_model, args.trust_remote_code)
-        reward_model = load_reward_model(args.reward_model, device, frozen_dtype, reward_tokenizer.pad_token_id, args.trust_remote_code).eval()
-    verifier = VERIFIERS.get(args.task)
-
-    def score_fn(rows, texts):
-        return score(rows, texts, verifier, reward_model, reward_tokenizer, args.eval_batch_size)
-
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, eps=1e-8)
-    total_steps = args.num_iterations * args.rebel.num_epochs * args.rebel.num_minibatches
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(args.lr_schedule, total_steps))
+    # the policy, and (where the method needs one) a frozen copy of it as the reference
+    run, policy, ref_model = setup_run(args, samples_per_prompt=G, group_size=G, reference=args.rebel.kl_coef > 0)
+    accelerator, device, tokenizer = run.accelerator, run.device, run.tokenizer
+    optimizer, scheduler = make_optimizer(policy, args)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
-    start_iteration = load_checkpoint(accelerator, args.resume_from) if args.resume_from else 0
-    wandb_run = init_wandb(args.track and accelerator.is_main_process, args.wandb_project, f"{args.exp_name}__{args.seed}", asdict(args), run_dir)
+    start_iteration = start_training(run, policy)  # resumes from --resume_from; evaluates the reference policy
+    needs_old = args.num_minibatches > 1 or ref_model is not None  # else the first epoch computes them
 
-    def run_evaluation(model, ref_scores, with_kl=True):
-        """Evaluate `model` on every process's share of the held-out prompts; reduce and gather."""
-        eval_ref = None if not with_kl else ref_model if ref_model is not None else \
-            load_causal_lm(args.model_name, device, frozen_dtype, args.trust_remote_code).eval()  # a frozen copy, for the KL only
-        with accelerator.autocast():
-            sums, count, scores, samples = evaluate(
-                accelerator.unwrap_model(model), eval_ref, tokenizer, eval_rows, eval_ids, eval_mask, score_fn,
-                args.response_length, args.eval_temperature, args.eval_batch_size, args.seed,
-                ref_scores=ref_scores, verifier=verifier)
-        keys = sorted(sums)
-        totals = accelerator.reduce(torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64, device=device), "sum")
-        metrics = {f"eval/{k}": (totals[i] / totals[-1]).item() for i, k in enumerate(keys)}
-        return metrics, scores, gather_object(samples)
+    with save_on_failure(run, policy):
+        for iteration in iterations(run, start_iteration):
+            # 1. sample prompts
+            batch, rows, queries, query_mask = sample_prompts(run, iteration, repeat=G)
 
-    def report(step, metrics, samples):
-        if accelerator.is_main_process:
-            log_metrics(metrics, step, metrics_path, wandb_run)
-            write_samples(samples, samples_path, step, wandb_run)
-            tqdm.write(f"[eval @ {step}] " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()) + "\n" + format_samples(samples))
-
-    # evaluation of the reference policy (the policy before training): its scores give the win rate later
-    ref_metrics, ref_scores, ref_samples = run_evaluation(
-        policy if start_iteration == 0 else load_causal_lm(args.model_name, device, frozen_dtype, args.trust_remote_code),
-        None, with_kl=False)  # KL of the reference to itself is 0
-    ref_metrics.update({"eval/kl": 0.0, "eval/win_rate": 0.5})
-    if start_iteration == 0:
-        report(0, ref_metrics, ref_samples)
-
-    iteration, train_seconds = start_iteration, 0.0
-    pbar = tqdm(range(start_iteration + 1, args.num_iterations + 1), desc="rebel", disable=not accelerator.is_main_process,
-                initial=start_iteration, total=args.num_iterations)
-    try:
-        for iteration in pbar:
-            start_time = time.time()
-
-            # 1. sample prompts: the same global draw on every process (from the seed and iteration), then each takes its share
-            batch = np.random.default_rng([args.seed, iteration]).choice(len(train_rows), args.prompts_per_iteration, replace=False)
-            batch = batch[accelerator.process_index:: args.world_size]
-            rows = [train_rows[i] for i in batch for _ in range(G)]  # each prompt twice, pairs contiguous
-            queries, query_mask = train_ids[batch], train_mask[batch]
-            keep = query_mask.any(dim=0)  # drop columns that are padding in every row
-            queries = queries[:, keep].repeat_interleave(G, dim=0).to(device)  # (B, P)
-            query_mask = query_mask[:, keep].repeat_interleave(G, dim=0).to(device)  # (B, P)
-
-            # 2. generate
-            with torch.no_grad(), accelerator.autocast():
-                responses = generate(accelerator.unwrap_model(policy), queries, query_mask, args.response_length,
-                                     args.temperature, tokenizer.pad_token_id, tokenizer.eos_token_id)  # (B, T)
-            generate_time = time.time() - start_time
-
-            # 3. truncate at EOS
-            responses, mask, lengths, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
-            query_responses = torch.cat([queries, responses], dim=1)  # (B, P+T)
-            attention_mask = torch.cat([query_mask, mask.long()], dim=1)  # (B, P+T)
+            # 2. generate, and 3. truncate at EOS
+            responses, mask, lengths, has_eos = rollout(run, policy, queries, query_mask, args.temperature)  # (B, T)
 
             # 4. score
-            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-            scores = score_fn(rows, texts).to(device)  # (B,)
+            scores = run.score(rows, tokenizer.batch_decode(responses, skip_special_tokens=True)).to(device)  # (B,)
 
             # 5. rewards and advantages: none, REBEL regresses the reward difference
             # ALGO LOGIC: R = score - kl_coef * sum_t k1_t; pi_t's log-probs are the regression's reference point
-            with torch.no_grad(), accelerator.autocast():
-                needs_old = args.rebel.num_minibatches > 1 or ref_model is not None
-                old_logprobs = batched_logprobs(policy, query_responses, attention_mask, args.response_length,
-                                                args.temperature, args.micro_batch_size) if needs_old else \
-                    torch.zeros(responses.shape, device=device)  # (B, T), filled by the first epoch when not needed here
-                ref_logprobs = batched_logprobs(ref_model, query_responses, attention_mask, args.response_length,
-                                                args.temperature, args.micro_batch_size) if ref_model is not None else None  # (B, T)
-            kl = ((old_logprobs - ref_logprobs) * mask).sum(1) if ref_logprobs is not None else torch.zeros_like(scores)  # (B,)
+            query_responses = torch.cat([queries, responses], dim=1)  # (B, P+T): what the models read
+            attention_mask = torch.cat([query_mask, mask.long()], dim=1)  # (B, P+T)
+            old_logprobs = logprobs_of(run, policy, query_responses, attention_mask) if needs_old else \
+                torch.zeros(responses.shape, device=device)  # (B, T), else filled in by the first epoch
+            ref_logprobs = logprobs_of(run, ref_model, query_responses, attention_mask)  # (B, T) or None
+            kl = ((old_logprobs - ref_logprobs) * mask).sum(1) if ref_logprobs is not None else torch.zeros_like(scores)
             rewards = scores - args.rebel.kl_coef * kl  # (B,)
 
             # 6. update
             stats = {"loss/policy": [], "policy/approxkl": [], "objective/entropy": []}
-            for epoch in range(args.rebel.num_epochs):
-                first_pass = epoch == 0 and not needs_old  # no optimizer step yet: the policy is still pi_t
-                order = torch.randperm(args.local_prompts, device=device)  # shuffle pairs, keeping each pair together
-                order = (G * order[:, None] + torch.arange(G, device=device)).flatten()  # (B,)
-                for start in range(0, args.local_batch_size, args.mini_batch_size):
-                    mini = order[start: start + args.mini_batch_size]
-                    for k, micro_start in enumerate(range(0, args.mini_batch_size, args.micro_batch_size)):
-                        micro = mini[micro_start: micro_start + args.micro_batch_size]
-                        last = k == args.grad_accum_steps - 1
-                        with contextlib.nullcontext() if last else accelerator.no_sync(policy), accelerator.autocast():
-                            logprobs, entropy = forward_logprobs(policy, query_responses[micro], attention_mask[micro],
-                                                                 args.response_length, args.temperature, with_entropy=True)  # (b, T)
-                            if first_pass:
-                                old_logprobs[micro] = logprobs.detach()
-                            old = old_logprobs[micro]
-                            loss = rebel_loss(logprobs, old, mask[micro], rewards[micro], args.rebel.eta).sum() / (args.mini_batch_size // G)
-                            accelerator.backward(loss)
-                        with torch.no_grad():
-                            m = mask[micro].float()
-                            log_ratio = logprobs.detach() - old
-                            stats["loss/policy"].append(loss.item() * args.grad_accum_steps)
-                            stats["policy/approxkl"].append((0.5 * log_ratio ** 2 * m).sum().item() / m.sum().item())
-                            stats["objective/entropy"].append((entropy * m).sum().item() / m.sum().item())
-                    accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad()
+            for step, mini in enumerate(minibatches(args, device, group_size=G)):  # pairs stay together
+                first_pass = step == 0 and not needs_old  # no optimizer step yet: the policy is still pi_t
+                for micro in micro_batches(accelerator, policy, mini, args.micro_batch_size):
+                    logprobs, entropy = forward_logprobs(policy, query_responses[micro], attention_mask[micro],
+                                                         args.response_length, args.temperature, with_entropy=True)
+                    if first_pass:
+                        old_logprobs[micro] = logprobs.detach()
+                    old = old_logprobs[micro]  # (b, T)
+                    loss = rebel_loss(logprobs, old, mask[micro], rewards[micro], args.rebel.eta).sum() / (
+                        args.mini_batch_size // G)  # mean over the minibatch's pairs
+                    accelerator.backward(loss)
+                    log_ratio = logprobs.detach() - old  # (b, T)
+                    stats["loss/policy"].append(loss.item() * args.grad_accum_steps)
+                    stats["policy/approxkl"].append(masked_mean(0.5 * log_ratio ** 2, mask[micro]))
+                    stats["objective/entropy"].append(masked_mean(entropy, mask[micro]))
+                optimizer_step(accelerator, policy, optimizer, scheduler, args.max_grad_norm)
 
             # 7. log and evaluate
-            local = {k: float(np.mean(v)) for k, v in stats.items() if v}
-            local.update({"objective/scores": scores.mean().item(), "objective/rlhf_reward": rewards.mean().item(),
-                          "val/response_length": lengths.float().mean().item()})
+            stats["objective/rlhf_reward"] = rewards.mean().item()
             if ref_model is not None:
-                local["objective/kl"] = kl.mean().item()
-            keys = sorted(local)
-            means = accelerator.reduce(torch.tensor([local[k] for k in keys], dtype=torch.float64, device=device), "mean")
-            counts = accelerator.reduce(torch.tensor([has_eos.sum().item(), lengths.sum().item()], dtype=torch.float64, device=device), "sum")
-            seconds = time.time() - start_time
-            metrics = {k: means[i].item() for i, k in enumerate(keys)}
-            metrics.update({
-                "val/num_eos": counts[0].item(), "lr": scheduler.get_last_lr()[0],
-                "episode": iteration * args.prompts_per_iteration * G, "perf/seconds_per_iter": seconds,
-                "perf/generate_seconds": generate_time, "perf/tokens_per_second": counts[1].item() / seconds,
-                "perf/peak_memory_gb": peak_memory_gb(device),
-            })
-            if args.eval_every and iteration % args.eval_every == 0 and iteration != args.num_iterations:
-                eval_metrics, _, samples = run_evaluation(policy, ref_scores)
-                metrics.update(eval_metrics)
-                report(iteration, metrics, samples)
-            elif accelerator.is_main_process:
-                log_metrics(metrics, iteration, metrics_path, wandb_run)
-            pbar.set_postfix(score=f"{metrics['objective/scores']:.3f}", len=f"{metrics['val/response_length']:.1f}",
-                             s_it=f"{seconds:.1f}")
-            if args.save_every and iteration % args.save_every == 0:
-                save_checkpoint(accelerator, os.path.join(run_dir, "checkpoints", f"iter_{iteration}"), iteration)
-            train_seconds += seconds
-            if args.max_train_seconds and broadcast(torch.tensor([train_seconds], device=device)).item() >= args.max_train_seconds:
-                break  # process 0's clock decides, so every process stops after the same iteration
-    except BaseException:
-        if accelerator.num_processes == 1:  # keep what was trained; several processes cannot agree on this safely
-            save_model(accelerator.unwrap_model(policy), tokenizer, os.path.join(run_dir, "model_interrupted"))
-            print(f"[rebel] stopped early: the current policy is saved in {run_dir}/model_interrupted")
-        raise
+                stats["objective/kl"] = kl.mean().item()
+            if end_iteration(run, stats, scores=scores, lengths=lengths, has_eos=has_eos, scheduler=scheduler,
+                             episode=iteration * args.prompts_per_iteration * G, policy=policy, ref_model=ref_model):
+                break
 
-    # final evaluation and the saved model
-    final_metrics, _, final_samples = run_evaluation(policy, ref_scores)
-    checksums = accelerator.gather(torch.tensor([param_checksum(accelerator.unwrap_model(policy))], dtype=torch.float64, device=device))
-    final_metrics["dist/param_checksum_spread"] = (checksums.max() - checksums.min()).item()
-    report(iteration, final_metrics, final_samples)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(policy), tokenizer, os.path.join(run_dir, "model"))
-        summary = "  ".join(f"{k.split('/')[1]} {ref_metrics.get(k, float('nan')):.3f} -> {final_metrics[k]:.3f}"
-                            for k in ("eval/reward", "eval/accuracy", "eval/kl") if k in final_metrics)
-        print(f"[rebel] reference -> trained on {len(eval_rows) * args.world_size} held-out prompts: {summary}\n"
-              f"[rebel] metrics, samples and the model (from_pretrained) are in {run_dir}")
-    if wandb_run is not None:
-        wandb_run.finish()
+    finish_run(run, policy, ref_model)

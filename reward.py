@@ -1,11 +1,14 @@
 """Reward model: a Bradley-Terry model of pairwise preferences, the second step of the RLHF pipeline
 (Stiennon et al. 2020; Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO", arXiv:2403.17031).
 
-    python reward.py                                  # embedded SmolLM2-135M, arith pairs from its own samples, CPU, ~45 min
-    python reward.py --num_train_prompts 400          # the same on 400 training prompts: ~26 min, held-out accuracy 56% -> 93%
+    python reward.py                                  # embedded SmolLM2-135M, arith pairs from its own samples,
+                                                      # CPU, ~45 min
+    python reward.py --num_train_prompts 400          # the same on 400 training prompts: ~26 min,
+                                                      # held-out accuracy 56% -> 93%
     python reward.py --model_name runs/sft__1/model   # from the SFT model (its own samples make the pairs)
     python ppo.py --model_name runs/sft__1/model --reward_model runs/reward__1/model
-    accelerate launch --config_file configs/ddp.yaml reward.py --model_name runs/sft__1/model --task tldr --pairs dataset
+    accelerate launch --config_file configs/ddp.yaml reward.py --model_name runs/sft__1/model --task tldr \\
+        --pairs dataset
 
 A causal LM gets a one-output score head (`AutoModelForSequenceClassification`, num_labels=1) and
 reads the prompt and a response exactly as common/rewards.py scores them during RL
@@ -63,12 +66,14 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from common.config import exact_div
 from common.generation import generate, truncate_after_eos
 from common.models import EMBEDDED_MODEL, load_causal_lm, load_reward_model, load_tokenizer, resolve_model, save_model
 from common.rewards import VERIFIERS, encode_for_reward_model, reward_model_texts, score_with_verifier
+from common.run import param_checksum, peak_memory_gb, seed_everything
 from common.tasks import DataError, encode_prompts, load_preference_task, load_task
-from common.tracking import (exact_div, init_wandb, linear_schedule, log_metrics, param_checksum, peak_memory_gb,
-                             seed_everything)
+from common.tracking import init_wandb, log_metrics
+from common.training import linear_schedule
 
 
 @dataclass
@@ -79,7 +84,8 @@ class Args:
     seed: int = 1
     """random seed (each process adds process_index * 100003); also seeds the policy samples"""
     output_dir: str = "runs"
-    """where run folders go (metrics.jsonl, train_pairs.jsonl, eval_pairs.jsonl, model/), and preference_pairs/ (the sample cache)"""
+    """where run folders go (metrics.jsonl, train_pairs.jsonl, eval_pairs.jsonl, model/), and preference_pairs/
+    (the sample cache)"""
     track: bool = False
     """log to Weights & Biases too"""
     wandb_project: str = "resetrl"
@@ -89,7 +95,8 @@ class Args:
     model_name: str = EMBEDDED_MODEL
     """initial weights of the reward model: a causal LM (hub id or folder) that gets a fresh one-output score head"""
     sample_model: Optional[str] = None
-    """the reference policy whose samples make --pairs policy pairs (default: --model_name); pass the model RL will start from"""
+    """the reference policy whose samples make --pairs policy pairs (default: --model_name); pass the model RL will
+    start from"""
     trust_remote_code: bool = False
     """allow models whose code lives in their repository"""
 
@@ -164,7 +171,8 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards):
 
 
 def build_policy_pairs(rows, samples, verifier, seed: int):
-    """Chosen/rejected pairs from policy samples judged by `verifier`: P rows and P lists of texts -> pairs, counts.
+    """Chosen/rejected pairs from policy samples judged by `verifier`: P rows and P lists of texts -> pairs,
+    counts.
 
     chosen = a correct sample (drawn at random), or the row's reference "response" when no sample is
     correct; rejected = a wrong sample (drawn at random); a prompt with no wrong sample gives no pair.
@@ -190,18 +198,21 @@ def build_policy_pairs(rows, samples, verifier, seed: int):
 
 @torch.no_grad()
 def sample_texts(model, tokenizer, query_ids, query_mask, num_samples: int, response_length: int, temperature: float):
-    """`num_samples` responses per (b, P) prompt, cut after EOS and decoded as the RL files decode them -> b lists of texts."""
+    """`num_samples` responses per (b, P) prompt, cut after EOS and decoded as the RL files decode them -> b lists of
+    texts."""
     keep = query_mask.any(dim=0)  # drop columns that are padding in every row
     queries = query_ids[:, keep].repeat_interleave(num_samples, dim=0)  # (b * N, P')
     mask = query_mask[:, keep].repeat_interleave(num_samples, dim=0)  # (b * N, P')
-    responses = generate(model, queries, mask, response_length, temperature, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    responses = generate(model, queries, mask, response_length, temperature, tokenizer.pad_token_id,
+                         tokenizer.eos_token_id)
     responses, _, _, _ = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)  # (b * N, T)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     return [texts[i: i + num_samples] for i in range(0, len(texts), num_samples)]
 
 
 def model_fingerprint(name: str) -> str:
-    """The name of a hub model; for a local folder, its path plus the size and mtime of its weight files (retraining in place changes it)."""
+    """The name of a hub model; for a local folder, its path plus the size and mtime of its weight files (retraining
+    in place changes it)."""
     path = resolve_model(name)
     if not os.path.isdir(path):
         return name
@@ -222,12 +233,15 @@ if __name__ == "__main__":
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True lets torchrun/accelerate use gloo on CPU
     args.world_size = accelerator.num_processes
     args.local_batch_size = exact_div(args.batch_size, args.world_size, "--batch_size over processes")
-    args.grad_accum_steps = exact_div(args.local_batch_size, args.micro_batch_size, "pairs per process over --micro_batch_size")
+    args.grad_accum_steps = exact_div(args.local_batch_size, args.micro_batch_size,
+                                      "pairs per process over --micro_batch_size")
     pairs_kind = args.pairs or ("policy" if args.task in VERIFIERS else "dataset")
     if pairs_kind == "policy" and args.task not in VERIFIERS:
-        raise ValueError(f"--pairs policy needs a task with a verifier ({', '.join(VERIFIERS)}); task {args.task} has none: use --pairs dataset")
+        raise ValueError(f"--pairs policy needs a task with a verifier ({', '.join(VERIFIERS)}); "
+                         f"task {args.task} has none: use --pairs dataset")
     if pairs_kind == "policy" and args.num_samples < 2:
-        raise ValueError("--num_samples must be at least 2 with --pairs policy: a pair needs a wrong and (usually) a right sample")
+        raise ValueError("--num_samples must be at least 2 with --pairs policy: "
+                         "a pair needs a wrong and (usually) a right sample")
     seed_everything(args.seed + accelerator.process_index * 100003)
     device = accelerator.device
     run_dir = os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}")
@@ -245,60 +259,82 @@ if __name__ == "__main__":
     else:
         sample_model_name = args.sample_model or args.model_name
         sample_tokenizer, sampler = load_tokenizer(sample_model_name, args.trust_remote_code), None
-        for split, num, files in (("train", args.num_train_prompts, args.data_files), ("test", args.num_eval_prompts, args.eval_data_files)):
-            rows = load_task(args.task, split, files, num, args.seed if split == "train" else 0)  # the RL files' held-out prompts
-            key = {"model": model_fingerprint(sample_model_name), "task": args.task, "split": split, "data_files": files,
-                   "num_prompts": len(rows), "prompts": hashlib.sha256(json.dumps([r["prompt"] for r in rows]).encode()).hexdigest(),
-                   "num_samples": args.num_samples, "temperature": args.temperature, "response_length": args.response_length,
-                   "seed": args.seed, "sample_batch_size": args.sample_batch_size}  # everything the samples depend on
-            cache_path = os.path.join(args.output_dir, "preference_pairs",
-                                      f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.jsonl")
+        for split, num, files in (("train", args.num_train_prompts, args.data_files),
+                                  ("test", args.num_eval_prompts, args.eval_data_files)):
+            # the RL files' held-out prompts
+            rows = load_task(args.task, split, files, num, args.seed if split == "train" else 0)
+            # everything the samples depend on
+            key = {"model": model_fingerprint(sample_model_name), "task": args.task, "split": split,
+                   "data_files": files, "num_prompts": len(rows),
+                   "prompts": hashlib.sha256(json.dumps([r["prompt"] for r in rows]).encode()).hexdigest(),
+                   "num_samples": args.num_samples, "temperature": args.temperature,
+                   "response_length": args.response_length,
+                   "seed": args.seed, "sample_batch_size": args.sample_batch_size}
+            cache_path = os.path.join(
+                args.output_dir, "preference_pairs",
+                f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.jsonl")
             if os.path.exists(cache_path):
                 with open(cache_path) as f:
                     samples = [json.loads(line)["responses"] for line in f.readlines()[1:]]  # line 1: the key
-                accelerator.print(f"[reward] {split}: loaded {args.num_samples} cached samples per prompt from {cache_path}")
+                accelerator.print(f"[reward] {split}: loaded {args.num_samples} cached samples per prompt "
+                                  f"from {cache_path}")
             else:
                 # ALGO LOGIC: the reference policy samples N responses per prompt, as RL's rollouts would
                 if sampler is None:
                     sampler = load_causal_lm(sample_model_name, device, torch.float32, args.trust_remote_code).eval()
-                ids, mask = encode_prompts(sample_tokenizer, rows, args.max_prompt_length, f"task {args.task} {split}")  # (P, L)
+                ids, mask = encode_prompts(sample_tokenizer, rows, args.max_prompt_length,
+                                           f"task {args.task} {split}")  # (P, L)
                 starts, mine, start_time = list(range(0, len(rows), args.sample_batch_size)), [], time.time()
+                # each process its share of the generate batches
                 for b in tqdm(starts[accelerator.process_index:: args.world_size], desc=f"sampling {split}",
-                              disable=not accelerator.is_main_process):  # each process its share of the generate batches
-                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast():
-                        torch.manual_seed(int(hashlib.sha256(f"{args.seed}-{split}-{b}".encode()).hexdigest()[:8], 16))  # per batch
-                        mine.append((b, sample_texts(sampler, sample_tokenizer, ids[b: b + args.sample_batch_size].to(device),
+                              disable=not accelerator.is_main_process):
+                    with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+                          accelerator.autocast()):
+                        # per batch
+                        torch.manual_seed(int(hashlib.sha256(f"{args.seed}-{split}-{b}".encode()).hexdigest()[:8], 16))
+                        mine.append((b, sample_texts(sampler, sample_tokenizer,
+                                                     ids[b: b + args.sample_batch_size].to(device),
                                                      mask[b: b + args.sample_batch_size].to(device), args.num_samples,
                                                      args.response_length, args.temperature)))
-                samples = [texts for _, batch in sorted(gather_object(mine)) for texts in batch]  # P lists of N, in row order
+                # P lists of N, in row order
+                samples = [texts for _, batch in sorted(gather_object(mine)) for texts in batch]
                 if accelerator.is_main_process:
                     os.makedirs(os.path.dirname(cache_path), exist_ok=True)
                     with open(f"{cache_path}.tmp{os.getpid()}", "w") as f:
                         f.write(json.dumps({"key": key, "seconds": time.time() - start_time}) + "\n")
-                        f.writelines(json.dumps({"id": r["id"], "prompt": r["prompt"], "responses": t}) + "\n" for r, t in zip(rows, samples))
-                    os.replace(f"{cache_path}.tmp{os.getpid()}", cache_path)  # a half-written file is never read as a cache
-                    print(f"[reward] {split}: sampled {args.num_samples} responses per prompt in {time.time() - start_time:.0f} s; "
+                        f.writelines(json.dumps({"id": r["id"], "prompt": r["prompt"], "responses": t}) + "\n"
+                                     for r, t in zip(rows, samples))
+                    # a half-written file is never read as a cache
+                    os.replace(f"{cache_path}.tmp{os.getpid()}", cache_path)
+                    print(f"[reward] {split}: sampled {args.num_samples} responses per prompt "
+                          f"in {time.time() - start_time:.0f} s; "
                           f"cached in {cache_path}")
             pairs, counts = build_policy_pairs(rows, samples, VERIFIERS[args.task], args.seed)
             accelerator.print(f"[reward] {split}: {len(pairs)} pairs from {counts['prompts']} prompts; "
                               f"{counts['skipped_no_wrong_sample']} prompts skipped (no wrong sample), "
-                              f"{counts['chosen_from_dataset']} with the reference response as chosen (no correct sample)")
+                              f"{counts['chosen_from_dataset']} with the reference response as chosen "
+                              f"(no correct sample)")
             pair_counts.update({f"pairs/{split}_{k}": v for k, v in counts.items()})
             train_pairs, eval_pairs = (pairs, None) if split == "train" else (train_pairs, pairs)
         del sampler  # not needed for training
 
     # every pair must fit --max_length tokens: count and skip the others
     def fitting(pairs, what):
-        lengths = [len(x) for x in tokenizer(reward_model_texts(tokenizer, pairs * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]),
+        lengths = [len(x) for x in tokenizer(reward_model_texts(tokenizer, pairs * 2,
+                                                                [p["chosen"] for p in pairs]
+                                                                + [p["rejected"] for p in pairs]),
                                              add_special_tokens=False)["input_ids"]] if pairs else []
         kept = [p for i, p in enumerate(pairs) if max(lengths[i], lengths[i + len(pairs)]) <= args.max_length]
         if len(kept) < len(pairs):
-            accelerator.print(f"[reward] {what}: skipped {len(pairs) - len(kept)} of {len(pairs)} pairs longer than --max_length {args.max_length} tokens")
+            accelerator.print(f"[reward] {what}: skipped {len(pairs) - len(kept)} of {len(pairs)} pairs "
+                              f"longer than --max_length {args.max_length} tokens")
         if not kept:
-            raise DataError(f"{what}: no pairs left (every pair was longer than --max_length, or no prompt had a wrong sample)")
+            raise DataError(f"{what}: no pairs left "
+                            "(every pair was longer than --max_length, or no prompt had a wrong sample)")
         return kept
 
-    train_pairs, eval_pairs = fitting(train_pairs, f"task {args.task} train"), fitting(eval_pairs, f"task {args.task} test")
+    train_pairs, eval_pairs = (fitting(train_pairs, f"task {args.task} train"),
+                               fitting(eval_pairs, f"task {args.task} test"))
     if len(train_pairs) < args.batch_size:
         raise ValueError(f"{len(train_pairs)} training pairs, fewer than --batch_size {args.batch_size}")
     if accelerator.is_main_process:
@@ -307,7 +343,8 @@ if __name__ == "__main__":
     num_eval = len(eval_pairs)
     my_eval_pairs = eval_pairs[accelerator.process_index:: args.world_size]
 
-    # 2. model: the LM with a one-output head (Llama-family heads have no bias); the pad id marks where each sequence ends
+    # 2. model: the LM with a one-output head (Llama-family heads have no bias); the pad id marks where each sequence
+    # ends
     model = load_reward_model(args.model_name, device, torch.float32, tokenizer.pad_token_id, args.trust_remote_code)
     model.config.pad_token_id = tokenizer.pad_token_id
     steps_per_epoch = len(train_pairs) // args.batch_size  # the last partial batch of each epoch is dropped
@@ -315,17 +352,20 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(args.lr_schedule, total_steps))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    wandb_run = init_wandb(args.track and accelerator.is_main_process, args.wandb_project, f"{args.exp_name}__{args.seed}", asdict(args), run_dir)
+    wandb_run = init_wandb(args.track and accelerator.is_main_process, args.wandb_project,
+                           f"{args.exp_name}__{args.seed}", asdict(args), run_dir)
 
     def pair_rewards(net, pairs):
         """Raw rewards of the chosen and the rejected responses of `pairs`, in one forward: -> (b,), (b,)."""
         texts = reward_model_texts(tokenizer, pairs * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
-        enc = encode_for_reward_model(tokenizer, texts, args.max_length).to(device)  # (2b, L), left-padded as in scoring
+        # (2b, L), left-padded as in scoring
+        enc = encode_for_reward_model(tokenizer, texts, args.max_length).to(device)
         rewards = net(**enc).logits[:, 0].float()  # (2b,)
         return rewards[: len(pairs)], rewards[len(pairs):]
 
     def run_evaluation():
-        """Held-out preference accuracy, BT loss and margin on every process's share of the pairs; the rewards of its share."""
+        """Held-out preference accuracy, BT loss and margin on every process's share of the pairs; the rewards of its
+        share."""
         net = accelerator.unwrap_model(model)
         sums, scored = {"preference_accuracy": 0.0, "loss": 0.0, "margin": 0.0}, []
         with torch.no_grad(), accelerator.autocast():
@@ -334,9 +374,11 @@ if __name__ == "__main__":
                 chosen, rejected = pair_rewards(net, batch)
                 for k, v in preference_accuracy_and_loss(chosen, rejected).items():
                     sums[k] += v
-                scored += [{**p, "reward_chosen": c, "reward_rejected": r} for p, c, r in zip(batch, chosen.tolist(), rejected.tolist())]
+                scored += [{**p, "reward_chosen": c, "reward_rejected": r}
+                           for p, c, r in zip(batch, chosen.tolist(), rejected.tolist())]
         keys = sorted(sums)
-        totals = accelerator.reduce(torch.tensor([sums[k] for k in keys] + [len(my_eval_pairs)], dtype=torch.float64, device=device), "sum")
+        totals = accelerator.reduce(torch.tensor([sums[k] for k in keys] + [len(my_eval_pairs)], dtype=torch.float64,
+                                                 device=device), "sum")
         return {f"eval/{k}": (totals[i] / totals[-1]).item() for i, k in enumerate(keys)}, scored
 
     def report(step, metrics):
@@ -348,7 +390,8 @@ if __name__ == "__main__":
     before, _ = run_evaluation()
     report(0, {**before, **pair_counts})
 
-    # 4. training: the same shuffled order on every process (from the seed and epoch), each takes its share of every batch
+    # 4. training: the same shuffled order on every process (from the seed and epoch), each takes its share of every
+    # batch
     model.train()
     step = 0
     pbar = tqdm(total=total_steps, desc="reward", disable=not accelerator.is_main_process)
@@ -361,12 +404,14 @@ if __name__ == "__main__":
                 stats = {"loss/reward": 0.0, "train/preference_accuracy": 0.0, "train/margin": 0.0}
                 for k in range(args.grad_accum_steps):
                     micro = [train_pairs[i] for i in mine[k * args.micro_batch_size: (k + 1) * args.micro_batch_size]]
-                    with contextlib.nullcontext() if k == args.grad_accum_steps - 1 else accelerator.no_sync(model), accelerator.autocast():
+                    with (contextlib.nullcontext() if k == args.grad_accum_steps - 1 else accelerator.no_sync(model),
+                          accelerator.autocast()):
                         chosen, rejected = pair_rewards(model, micro)  # (b,), (b,)
                         loss = bradley_terry_loss(chosen, rejected)
                         accelerator.backward(loss / args.grad_accum_steps)  # the mean over the minibatch's pairs
                     stats["loss/reward"] += loss.item() / args.grad_accum_steps
-                    stats["train/preference_accuracy"] += (chosen > rejected).float().mean().item() / args.grad_accum_steps
+                    stats["train/preference_accuracy"] += ((chosen > rejected).float().mean().item()
+                                                           / args.grad_accum_steps)
                     stats["train/margin"] += (chosen - rejected).mean().item() / args.grad_accum_steps
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
@@ -375,7 +420,8 @@ if __name__ == "__main__":
                 step += 1
 
                 keys = sorted(stats)
-                means = accelerator.reduce(torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device), "mean")
+                means = accelerator.reduce(torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device),
+                                           "mean")
                 metrics = {k: means[i].item() for i, k in enumerate(keys)}
                 seconds = time.time() - start_time
                 metrics.update({"lr": scheduler.get_last_lr()[0], "episode": step * args.batch_size, "epoch": epoch,
@@ -383,7 +429,8 @@ if __name__ == "__main__":
                 if accelerator.is_main_process:
                     log_metrics(metrics, step, metrics_path, wandb_run)
                 pbar.update(1)
-                pbar.set_postfix(loss=f"{metrics['loss/reward']:.3f}", acc=f"{metrics['train/preference_accuracy']:.2f}", s_it=f"{seconds:.1f}")
+                pbar.set_postfix(loss=f"{metrics['loss/reward']:.3f}",
+                                 acc=f"{metrics['train/preference_accuracy']:.2f}", s_it=f"{seconds:.1f}")
     except BaseException:
         if accelerator.num_processes == 1:  # keep what was trained; several processes cannot agree on this safely
             save_model(accelerator.unwrap_model(model), tokenizer, os.path.join(run_dir, "model_interrupted"))
@@ -392,7 +439,8 @@ if __name__ == "__main__":
     pbar.close()
     model.eval()
 
-    # 5. evaluation after training, then the normalisation: mean and std of the raw reward on the training pairs' responses
+    # 5. evaluation after training, then the normalisation: mean and std of the raw reward on the training pairs'
+    # responses
     after, scored = run_evaluation()
     net = accelerator.unwrap_model(model)
     if args.normalize:
@@ -400,11 +448,13 @@ if __name__ == "__main__":
         local = []
         with torch.no_grad(), accelerator.autocast():
             for i in range(0, len(reference), args.eval_batch_size):
-                local += [r for rewards in pair_rewards(net, reference[i: i + args.eval_batch_size]) for r in rewards.tolist()]
+                local += [r for rewards in pair_rewards(net, reference[i: i + args.eval_batch_size])
+                          for r in rewards.tolist()]
         values = torch.tensor(gather_object(local), dtype=torch.float64)
         mean, std = values.mean().item(), values.std(unbiased=False).item()
         if not std > 1e-6:
-            raise ValueError(f"the reward is constant ({mean:.4g}) on the {len(values)} training responses: nothing to normalise; "
+            raise ValueError(f"the reward is constant ({mean:.4g}) on the {len(values)} training responses: "
+                             "nothing to normalise; "
                              "train longer or pass --no_normalize")
         net.config.reward_mean, net.config.reward_std = mean, std
         after.update({"reward/mean": mean, "reward/std": std})

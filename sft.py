@@ -39,12 +39,14 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from common.config import exact_div
 from common.evaluation import evaluate
 from common.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer, save_model
 from common.rewards import VERIFIERS, score_with_verifier
+from common.run import param_checksum, peak_memory_gb, seed_everything
 from common.tasks import DataError, encode_prompts, format_prompt, load_task
-from common.tracking import (exact_div, format_samples, init_wandb, linear_schedule, log_metrics, param_checksum,
-                             peak_memory_gb, seed_everything, write_samples)
+from common.tracking import format_samples, init_wandb, log_metrics, write_samples
+from common.training import linear_schedule
 
 
 @dataclass
@@ -162,7 +164,8 @@ def keep_fitting(tokenizer, rows, max_response_length: int, what: str):
               f"--max_response_length {max_response_length} tokens with EOS (first: row {rows[first].get('id')}, "
               f"{len(examples[first][1])} tokens); raise --max_response_length to keep them")
     if not kept:
-        raise DataError(f"{what}: every demonstration is longer than --max_response_length {max_response_length} tokens")
+        raise DataError(f"{what}: every demonstration is longer than "
+                        f"--max_response_length {max_response_length} tokens")
     return [rows[i] for i in kept], [examples[i] for i in kept]
 
 
@@ -171,7 +174,8 @@ if __name__ == "__main__":
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True lets torchrun/accelerate use gloo on CPU
     args.world_size = accelerator.num_processes
     args.local_batch_size = exact_div(args.batch_size, args.world_size, "--batch_size over processes")
-    args.grad_accum_steps = exact_div(args.local_batch_size, args.micro_batch_size, "batch size per process over --micro_batch_size")
+    args.grad_accum_steps = exact_div(args.local_batch_size, args.micro_batch_size,
+                                      "batch size per process over --micro_batch_size")
     seed_everything(args.seed + accelerator.process_index * 100003)
     device = accelerator.device
     run_dir = os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}")
@@ -185,8 +189,10 @@ if __name__ == "__main__":
     tokenizer = load_tokenizer(args.model_name, args.trust_remote_code)
     train_rows = load_task(args.task, "train", args.data_files, args.num_train_rows, args.seed)
     eval_rows = load_task(args.task, "test", args.eval_data_files, args.num_eval_prompts)
-    encode_prompts(tokenizer, train_rows, args.max_prompt_length, f"task {args.task} train")  # refuses over-long prompts
-    train_rows, train_examples = keep_fitting(tokenizer, train_rows, args.max_response_length, f"task {args.task} train")
+    # refuses over-long prompts
+    encode_prompts(tokenizer, train_rows, args.max_prompt_length, f"task {args.task} train")
+    train_rows, train_examples = keep_fitting(tokenizer, train_rows, args.max_response_length,
+                                              f"task {args.task} train")
     eval_rows, eval_examples = keep_fitting(tokenizer, eval_rows, args.max_response_length, f"task {args.task} test")
     if len(train_examples) < args.batch_size:
         raise ValueError(f"{len(train_examples)} training demonstrations, fewer than --batch_size {args.batch_size}")
@@ -208,7 +214,8 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(args.lr_schedule, total_steps))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    wandb_run = init_wandb(args.track and accelerator.is_main_process, args.wandb_project, f"{args.exp_name}__{args.seed}", asdict(args), run_dir)
+    wandb_run = init_wandb(args.track and accelerator.is_main_process, args.wandb_project,
+                           f"{args.exp_name}__{args.seed}", asdict(args), run_dir)
 
     def run_evaluation(ref_scores):
         """Held-out loss on every process's share of the demonstrations, and greedy accuracy on verifiable tasks."""
@@ -218,19 +225,24 @@ if __name__ == "__main__":
         tokens, samples, scores = 0, [], None
         with torch.no_grad(), accelerator.autocast():
             for i in range(0, len(eval_examples), args.eval_batch_size):
-                input_ids, attention_mask, labels = collate_sft(eval_examples[i:i + args.eval_batch_size], tokenizer.pad_token_id)
+                input_ids, attention_mask, labels = collate_sft(eval_examples[i:i + args.eval_batch_size],
+                                                                tokenizer.pad_token_id)
                 nll, count = response_nll(net, input_ids.to(device), attention_mask.to(device), labels.to(device))
                 sums["loss"] += nll.item()
                 tokens += count.item()
             if verifier is not None:
                 gen_sums, count, scores, samples = evaluate(
-                    net, None, tokenizer, eval_rows, eval_ids, eval_mask, lambda rows, texts: score_with_verifier(verifier, rows, texts),
-                    args.max_response_length, 0.0, args.eval_batch_size, args.seed, ref_scores=ref_scores, verifier=verifier)
+                    net, tokenizer, eval_rows, eval_ids, eval_mask,
+                    score_fn=lambda rows, texts: score_with_verifier(verifier, rows, texts),
+                    response_length=args.max_response_length, temperature=0.0, batch_size=args.eval_batch_size,
+                    seed=args.seed, ref_scores=ref_scores, verifier=verifier)
                 sums.update(gen_sums)  # reward, accuracy, response_length, eos_rate (and win_rate): sums over prompts
         net.train()
         keys = sorted(sums)
-        totals = accelerator.reduce(torch.tensor([sums[k] for k in keys] + [tokens, len(eval_rows)], dtype=torch.float64, device=device), "sum")
-        metrics = {f"eval/{k}": (totals[i] / (totals[-2] if k == "loss" else totals[-1])).item() for i, k in enumerate(keys)}
+        totals = accelerator.reduce(torch.tensor([sums[k] for k in keys] + [tokens, len(eval_rows)],
+                                                 dtype=torch.float64, device=device), "sum")
+        metrics = {f"eval/{k}": (totals[i] / (totals[-2] if k == "loss" else totals[-1])).item()
+                   for i, k in enumerate(keys)}
         return metrics, scores, gather_object(samples)
 
     def report(step, metrics, samples):
@@ -244,7 +256,8 @@ if __name__ == "__main__":
     before, ref_scores, samples = run_evaluation(None)
     report(0, before, samples)
 
-    # training: the same shuffled order on every process (from the seed and epoch), each takes its share of every batch
+    # training: the same shuffled order on every process (from the seed and epoch), each takes its share of every
+    # batch
     model.train()
     step = 0
     pbar = tqdm(total=total_steps, desc="sft", disable=not accelerator.is_main_process)
@@ -260,7 +273,8 @@ if __name__ == "__main__":
                 for k in range(args.grad_accum_steps):
                     micro = batch[k * args.micro_batch_size: (k + 1) * args.micro_batch_size]
                     input_ids, attention_mask, labels = collate_sft(micro, tokenizer.pad_token_id)  # (b, L) each
-                    with contextlib.nullcontext() if k == args.grad_accum_steps - 1 else accelerator.no_sync(model), accelerator.autocast():
+                    with (contextlib.nullcontext() if k == args.grad_accum_steps - 1 else accelerator.no_sync(model),
+                          accelerator.autocast()):
                         nll, _ = response_nll(model, input_ids.to(device), attention_mask.to(device), labels.to(device))
                         accelerator.backward(nll / num_tokens)
                     loss_sum += nll.item()
@@ -272,9 +286,11 @@ if __name__ == "__main__":
                 step += 1
 
                 seconds = time.time() - start_time
-                loss = accelerator.reduce(torch.tensor([loss_sum / num_tokens], dtype=torch.float64, device=device), "mean").item()
-                metrics = {"loss/sft": loss, "lr": scheduler.get_last_lr()[0], "episode": step * args.batch_size, "epoch": epoch,
-                           "perf/seconds_per_iter": seconds, "perf/tokens_per_second": trained_tokens * args.world_size / seconds,
+                loss = accelerator.reduce(torch.tensor([loss_sum / num_tokens], dtype=torch.float64, device=device),
+                                          "mean").item()
+                metrics = {"loss/sft": loss, "lr": scheduler.get_last_lr()[0], "episode": step * args.batch_size,
+                           "epoch": epoch, "perf/seconds_per_iter": seconds,
+                           "perf/tokens_per_second": trained_tokens * args.world_size / seconds,
                            "perf/peak_memory_gb": peak_memory_gb(device)}
                 if args.eval_every and step % args.eval_every == 0 and step != total_steps:
                     eval_metrics, _, samples = run_evaluation(ref_scores)
@@ -293,13 +309,15 @@ if __name__ == "__main__":
 
     # final evaluation and the saved model
     after, _, samples = run_evaluation(ref_scores)
-    checksums = accelerator.gather(torch.tensor([param_checksum(accelerator.unwrap_model(model))], dtype=torch.float64, device=device))
+    checksums = accelerator.gather(torch.tensor([param_checksum(accelerator.unwrap_model(model))], dtype=torch.float64,
+                                                device=device))
     after["dist/param_checksum_spread"] = (checksums.max() - checksums.min()).item()
     report(step, after, samples)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), tokenizer, os.path.join(run_dir, "model"))
-        summary = "  ".join(f"{k.split('/')[1]} {before[k]:.3f} -> {after[k]:.3f}" for k in ("eval/loss", "eval/accuracy") if k in after)
+        summary = "  ".join(f"{k.split('/')[1]} {before[k]:.3f} -> {after[k]:.3f}"
+                            for k in ("eval/loss", "eval/accuracy") if k in after)
         print(f"[sft] before -> after on {num_eval} held-out demonstrations: {summary}\n"
               f"[sft] metrics, samples and the model (from_pretrained; pass it as --model_name) are in {run_dir}")
     if wandb_run is not None:

@@ -34,8 +34,8 @@ sys.path.insert(0, ROOT)
 
 from common.generation import batched_logprobs, forward_logprobs, generate, truncate_after_eos  # noqa: E402
 from common.models import load_causal_lm, load_tokenizer  # noqa: E402
+from common.run import peak_memory_gb  # noqa: E402
 from common.tasks import encode_prompts, load_task  # noqa: E402
-from common.tracking import peak_memory_gb  # noqa: E402
 
 
 @dataclass
@@ -65,7 +65,8 @@ def grpo_defaults(flags: list):
 
 def time_script(name: str, flags: list, iterations: int, output_dir: str) -> dict:
     """Run `name`.py for `iterations` iterations; medians of its perf metrics, peak memory, wall time."""
-    cmd = [sys.executable, os.path.join(ROOT, f"{name}.py"), "--num_iterations", str(iterations), "--num_eval_prompts", "8",
+    cmd = [sys.executable, os.path.join(ROOT, f"{name}.py"), "--num_iterations", str(iterations),
+           "--num_eval_prompts", "8",
            "--output_dir", output_dir, "--exp_name", f"bench_{name}", *flags]
     start = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -73,7 +74,8 @@ def time_script(name: str, flags: list, iterations: int, output_dir: str) -> dic
     with open(os.path.join(output_dir, f"bench_{name}__1", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     train = [r for r in rows if "perf/seconds_per_iter" in r][1:]
-    out = {k: float(np.median([r[k] for r in train])) for k in ("perf/seconds_per_iter", "perf/generate_seconds", "perf/tokens_per_second")}
+    out = {k: float(np.median([r[k] for r in train]))
+           for k in ("perf/seconds_per_iter", "perf/generate_seconds", "perf/tokens_per_second")}
     out["perf/peak_memory_gb"] = max(r["perf/peak_memory_gb"] for r in train)
     out["stage1"] = next((r["perf/stage1_seconds"] for r in rows if "perf/stage1_seconds" in r), None)
     out["wall"] = wall
@@ -82,9 +84,11 @@ def time_script(name: str, flags: list, iterations: int, output_dir: str) -> dic
 
 if __name__ == "__main__":
     bench = tyro.cli(Args, use_underscores=True)
-    flags = shlex.split(bench.extra) + (["--prompts_per_iteration", str(bench.prompts_per_iteration)] if bench.prompts_per_iteration else [])
+    flags = shlex.split(bench.extra) + (["--prompts_per_iteration", str(bench.prompts_per_iteration)]
+                                        if bench.prompts_per_iteration else [])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    lines = ["| script | seconds per iteration | of which generation (s) | generated tokens per second | peak memory (GB) | stage 1 s | wall s |",
+    lines = ["| script | seconds per iteration | of which generation (s) | generated tokens per second "
+             "| peak memory (GB) | stage 1 s | wall s |",
              "|---|---|---|---|---|---|---|"]
     results = {}
     for name in bench.scripts:
@@ -92,7 +96,8 @@ if __name__ == "__main__":
         r = results[name] = time_script(name, flags, bench.iterations, bench.output_dir)
         stage1 = f"{r['stage1']:.0f}" if r["stage1"] is not None else "-"
         lines.append(f"| {name}.py | {r['perf/seconds_per_iter']:.2f} | {r['perf/generate_seconds']:.2f} | "
-                     f"{r['perf/tokens_per_second']:.1f} | {r['perf/peak_memory_gb']:.2f} | {stage1} | {r['wall']:.0f} |")
+                     f"{r['perf/tokens_per_second']:.1f} | {r['perf/peak_memory_gb']:.2f} | {stage1} | "
+                     f"{r['wall']:.0f} |")
 
     if bench.bound and "grpo" in bench.scripts:
         # the bound: the same batch as grpo.py's, only the unavoidable work
@@ -114,17 +119,21 @@ if __name__ == "__main__":
             if ref is not None:
                 batched_logprobs(ref, qr, att, T, cfg.temperature, cfg.micro_batch_size)
             for i in range(0, qr.shape[0], cfg.micro_batch_size):
-                lp = forward_logprobs(policy, qr[i:i + cfg.micro_batch_size], att[i:i + cfg.micro_batch_size], T, cfg.temperature)
+                lp = forward_logprobs(policy, qr[i:i + cfg.micro_batch_size], att[i:i + cfg.micro_batch_size], T,
+                                      cfg.temperature)
                 (lp * rmask[i:i + cfg.micro_batch_size]).sum().backward()
             policy.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             timings.append((time.time() - start, gen_seconds, lengths.sum().item()))
         bound, bound_gen, tokens = (float(np.median([t[i] for t in timings])) for i in range(3))
-        lines.append(f"| bound (grpo batch: generate + forward/backward) | {bound:.2f} | {bound_gen:.2f} | {tokens / bound:.1f} | "
+        lines.append(f"| bound (grpo batch: generate + forward/backward) | {bound:.2f} | {bound_gen:.2f} | "
+                     f"{tokens / bound:.1f} | "
                      f"{peak_memory_gb(device):.2f} | - | - |")
-        lines.append(f"\ngrpo.py iteration / bound = {results['grpo']['perf/seconds_per_iter'] / bound:.2f} (target <= 1.3); "
-                     f"{cfg.prompts_per_iteration} prompts x {G} samples, {T} tokens, micro-batch {cfg.micro_batch_size}, "
+        lines.append(f"\ngrpo.py iteration / bound = {results['grpo']['perf/seconds_per_iter'] / bound:.2f} "
+                     f"(target <= 1.3); "
+                     f"{cfg.prompts_per_iteration} prompts x {G} samples, {T} tokens, "
+                     f"micro-batch {cfg.micro_batch_size}, "
                      f"kl_coef {cfg.grpo.kl_coef}")
 
     table = "\n".join(lines)

@@ -1,6 +1,7 @@
 """All the algorithm files side by side: same task, model, seeds and budget; a results table and plots.
 
-    python benchmark/compare.py                                        # all six, seeds 1 2 3, 128 samples each (~80 min, 2 CPU cores)
+    python benchmark/compare.py                                        # all six, seeds 1 2 3, 128 samples each
+                                                                       # (~80 min, 2 CPU cores)
     python benchmark/compare.py --algorithms ppo ppo_pp drpo --samples 512
     python benchmark/compare.py --budget seconds --seconds 300         # equal training wall-clock instead
     python benchmark/compare.py --extra="--model_name Qwen/Qwen2.5-0.5B-Instruct --task gsm8k" \
@@ -58,7 +59,8 @@ class Args:
     """flags for the algorithm files, e.g. --extra="--model_name X --task gsm8k --grpo.kl_coef 0.04" (use the = form);
     a group's flags (--grpo.x, --ppo.x, --rebel.x, --apo.x) reach only the files that have that group"""
     launcher: str = ""
-    """command put before each script, e.g. --launcher="accelerate launch --config_file configs/ddp.yaml" (default: python)"""
+    """command put before each script, e.g. --launcher="accelerate launch --config_file configs/ddp.yaml"
+    (default: python)"""
     output_dir: str = "runs/compare"
     """where the runs, logs, table and plots go"""
     rerun: bool = False
@@ -74,7 +76,8 @@ def parse_script_args(name: str, flags: list):
 
 
 def flags_for(name: str, flags: list) -> list:
-    """`flags` without those of another file's hyper-parameter group (--grpo.x reaches grpo.py only, --ppo.x the PPO family)."""
+    """`flags` without those of another file's hyper-parameter group (--grpo.x reaches grpo.py only, --ppo.x the PPO
+    family)."""
     import dataclasses
 
     groups = {f.name for f in dataclasses.fields(__import__(name).Args)}
@@ -97,7 +100,8 @@ def samples_per_iteration(name: str, script_args) -> int:
 def run_flags(name: str, seed: int, args: Args) -> tuple[list, int]:
     """The flags of one run and its number of iterations under the budget."""
     flags = flags_for(name, shlex.split(args.extra))
-    common = ["--seed", str(seed), "--exp_name", name, "--output_dir", args.output_dir, "--num_eval_prompts", str(args.num_eval_prompts)]
+    common = ["--seed", str(seed), "--exp_name", name, "--output_dir", args.output_dir,
+              "--num_eval_prompts", str(args.num_eval_prompts)]
     if args.budget == "seconds":
         return flags + common + ["--num_iterations", "100000", "--max_train_seconds", str(args.seconds)], 0
     iterations = max(1, round(args.samples / samples_per_iteration(name, parse_script_args(name, flags))))
@@ -120,7 +124,8 @@ def run_one(name: str, seed: int, args: Args) -> dict:
     cmd = launcher + [os.path.join(ROOT, f"{name}.py")] + flags
     os.makedirs(os.path.join(args.output_dir, "logs"), exist_ok=True)
     log_path = os.path.join(args.output_dir, "logs", f"{name}__{seed}.log")
-    print(f"[compare] {name} seed {seed}: {' '.join(shlex.quote(c) for c in cmd[1:])}\n          log: {log_path}", flush=True)
+    print(f"[compare] {name} seed {seed}: {' '.join(shlex.quote(c) for c in cmd[1:])}\n"
+          f"          log: {log_path}", flush=True)
     start = time.time()
     with open(log_path, "w") as log:
         returncode = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -129,7 +134,9 @@ def run_one(name: str, seed: int, args: Args) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     with open(done_path, "w") as f:
         json.dump(done, f, indent=1)
-    status = "done" if returncode == 0 else f"FAILED (exit {returncode}); the last lines of {log_path}:\n" + "".join(open(log_path).readlines()[-15:])
+    status = ("done" if returncode == 0 else
+              f"FAILED (exit {returncode}); the last lines of {log_path}:\n"
+              + "".join(open(log_path).readlines()[-15:]))
     print(f"[compare] {name} seed {seed}: {status} in {done['wall_seconds']:.0f} s", flush=True)
     return done
 
@@ -157,8 +164,10 @@ def read_run(run_dir: str) -> dict:
     speed = [train[s] for s in sorted(train)][1:] or list(train.values())  # the first iteration warms up
     out = {"points": points, "iterations": len(train), "stage1_seconds": stage1,
            "train_seconds": sum(t["perf/seconds_per_iter"] for t in train.values()),
-           "seconds_per_iter": float(np.median([t["perf/seconds_per_iter"] for t in speed])) if speed else float("nan"),
-           "tokens_per_second": float(np.median([t["perf/tokens_per_second"] for t in speed])) if speed else float("nan"),
+           "seconds_per_iter": (float(np.median([t["perf/seconds_per_iter"] for t in speed])) if speed
+                                else float("nan")),
+           "tokens_per_second": (float(np.median([t["perf/tokens_per_second"] for t in speed])) if speed
+                                 else float("nan")),
            "peak_memory_gb": max((t["perf/peak_memory_gb"] for t in train.values()), default=float("nan"))}
     done_path = os.path.join(run_dir, "compare.json")
     out["wall_seconds"] = json.load(open(done_path))["wall_seconds"] if os.path.exists(done_path) else float("nan")
@@ -175,9 +184,11 @@ def mean_se(values) -> tuple[float, float]:
 
 def aggregate(runs: list) -> dict:
     """Mean and SE over seeds (`runs`: read_run outputs of one algorithm) of the final evaluation and the speed."""
-    final = {k: mean_se([r["points"][-1][k] for r in runs if r["points"]]) for k in ("reward", "accuracy", "kl", "win_rate", "samples")}
+    final = {k: mean_se([r["points"][-1][k] for r in runs if r["points"]])
+             for k in ("reward", "accuracy", "kl", "win_rate", "samples")}
     final["reference_reward"] = mean_se([r["points"][0]["reward"] for r in runs if r["points"]])
-    for k in ("seconds_per_iter", "tokens_per_second", "peak_memory_gb", "wall_seconds", "train_seconds", "stage1_seconds", "iterations"):
+    for k in ("seconds_per_iter", "tokens_per_second", "peak_memory_gb", "wall_seconds", "train_seconds",
+              "stage1_seconds", "iterations"):
         final[k] = mean_se([r[k] for r in runs])
     final["seeds"] = len(runs)
     return final
@@ -200,12 +211,15 @@ def fmt(m_se, digits=3) -> str:
 
 def results_table(stats: dict) -> str:
     """The Markdown table: one row per algorithm."""
-    lines = ["| algorithm | seeds | samples | held-out reward | accuracy | KL to ref | win rate vs ref | s / iteration | "
+    lines = ["| algorithm | seeds | samples | held-out reward | accuracy | KL to ref | win rate vs ref | "
+             "s / iteration | "
              "generated tokens / s | peak memory GB | training s (+ stage 1) | wall s per run |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in stats.items():
-        lines.append(f"| {NAMES.get(name, name)} | {s['seeds']} | {s['samples'][0]:.0f} | {fmt(s['reward'])} | {fmt(s['accuracy'])} | "
-                     f"{fmt(s['kl'], 2)} | {fmt(s['win_rate'])} | {fmt(s['seconds_per_iter'], 1)} | {fmt(s['tokens_per_second'], 1)} | "
+        lines.append(f"| {NAMES.get(name, name)} | {s['seeds']} | {s['samples'][0]:.0f} | {fmt(s['reward'])} | "
+                     f"{fmt(s['accuracy'])} | "
+                     f"{fmt(s['kl'], 2)} | {fmt(s['win_rate'])} | {fmt(s['seconds_per_iter'], 1)} | "
+                     f"{fmt(s['tokens_per_second'], 1)} | "
                      f"{fmt(s['peak_memory_gb'], 2)} | {fmt(total_seconds(s), 0)} | {fmt(s['wall_seconds'], 0)} |")
     return "\n".join(lines)
 
@@ -243,9 +257,11 @@ def findings(stats: dict) -> list:
             if other in stats:
                 o = stats[other]
                 cost = total_seconds(s)
-                out.append(f"- Claim: {NAMES[cheap]} is cheaper than {NAMES[other]}. Here, for the same samples: training "
+                out.append(f"- Claim: {NAMES[cheap]} is cheaper than {NAMES[other]}. Here, for the same samples: "
+                           f"training "
                            f"{fmt(cost, 0)} s vs {fmt(total_seconds(o), 0)} s ({_better(cost, total_seconds(o))})"
-                           + (f" (of which stage 1: {s['stage1_seconds'][0]:.0f} s)" if s['stage1_seconds'][0] > 0 else "")
+                           + (f" (of which stage 1: {s['stage1_seconds'][0]:.0f} s)"
+                              if s['stage1_seconds'][0] > 0 else "")
                            + f", peak memory {fmt(s['peak_memory_gb'], 2)} vs {fmt(o['peak_memory_gb'], 2)} GB "
                            f"({_better(s['peak_memory_gb'], o['peak_memory_gb'])}).")
     return out
@@ -310,7 +326,8 @@ def report(args: Args, total_seconds: float | None = None) -> str:
     except ImportError:
         written = []
         print("[compare] matplotlib is not installed: no plots (pip install matplotlib)")
-    print(text + "\n\n[compare] written: " + ", ".join([os.path.join(args.output_dir, "results.md"), "results.json", *map(os.path.basename, written)]))
+    print(text + "\n\n[compare] written: " + ", ".join([os.path.join(args.output_dir, "results.md"), "results.json",
+                                                        *map(os.path.basename, written)]))
     return text
 
 

@@ -1,16 +1,19 @@
 """Batched sampling to a fixed length, truncation after the first EOS, and per-token log-probs."""
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from transformers import GenerationConfig
 
 
 @torch.no_grad()
-def generate(model, query_ids, query_mask, response_length: int, temperature: float, pad_token_id: int, eos_token_id: int):
+def generate(model, query_ids, query_mask, response_length: int, temperature: float, pad_token_id: int,
+             eos_token_id: int):
     """Sample up to `response_length` tokens per row: (B, P) queries -> (B, response_length) responses.
 
     temperature 0 means greedy. Pure sampling otherwise (no top-k/top-p), so the sampled
     distribution is softmax(logits / temperature), the one `logprobs_from_logits` scores.
-    Rows that stop early are padded with `pad_token_id`; `truncate_after_eos` masks them.
+    Rows that stop early are padded with `pad_token_id`; `truncate_after_eos` masks them. A model
+    wrapped for distributed training is unwrapped (generation needs no gradient synchronisation).
     """
     # every field that reshapes the distribution is set explicitly: a field left None is filled
     # from the model's own generation_config (Qwen's sets top_k, top_p and a repetition penalty)
@@ -19,7 +22,8 @@ def generate(model, query_ids, query_mask, response_length: int, temperature: fl
         max_new_tokens=response_length, min_new_tokens=0, do_sample=temperature > 0, repetition_penalty=1.0,
         no_repeat_ngram_size=0, pad_token_id=pad_token_id, eos_token_id=eos_token_id, use_cache=True, **sampling,
     )
-    out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
+    out = extract_model_from_parallel(model).generate(input_ids=query_ids, attention_mask=query_mask,
+                                                      generation_config=config)
     responses = out[:, query_ids.shape[1]:]  # (B, <= response_length)
     return F.pad(responses, (0, response_length - responses.shape[1]), value=pad_token_id)  # (B, T)
 
@@ -79,13 +83,18 @@ def response_logits(model, query_responses, attention_mask, response_length: int
     return out.logits[:, :-1]  # (B, T, V)
 
 
-def forward_logprobs(model, query_responses, attention_mask, response_length: int, temperature: float, with_entropy: bool = False):
-    """Per-token log-probs of the responses (and optionally entropies): (B, P+T) -> (B, T)."""
+def forward_logprobs(model, query_responses, attention_mask, response_length: int, temperature: float,
+                     with_entropy: bool = False, entropy_grad: bool = False):
+    """Per-token log-probs of the responses (and optionally entropies): (B, P+T) -> (B, T).
+
+    The entropies carry no gradient unless `entropy_grad` (an entropy bonus in the loss): keeping their
+    graph costs a (B, T, V) tensor.
+    """
     logits = response_logits(model, query_responses, attention_mask, response_length)  # (B, T, V)
     tokens = query_responses[:, -response_length:]  # (B, T)
     logprobs = logprobs_from_logits(logits, tokens, temperature)
     if with_entropy:
-        return logprobs, entropy_from_logits(logits.detach(), temperature)
+        return logprobs, entropy_from_logits(logits if entropy_grad else logits.detach(), temperature)
     return logprobs
 
 
@@ -93,6 +102,7 @@ def forward_logprobs(model, query_responses, attention_mask, response_length: in
 def batched_logprobs(model, query_responses, attention_mask, response_length: int, temperature: float, chunk_size: int):
     """`forward_logprobs` without gradients, `chunk_size` rows at a time: (B, P+T) -> (B, T)."""
     return torch.cat([
-        forward_logprobs(model, query_responses[i:i + chunk_size], attention_mask[i:i + chunk_size], response_length, temperature)
+        forward_logprobs(model, query_responses[i:i + chunk_size], attention_mask[i:i + chunk_size], response_length,
+                         temperature)
         for i in range(0, query_responses.shape[0], chunk_size)
     ])

@@ -114,7 +114,8 @@ def load_causal_lm(name: str, device: torch.device, dtype: torch.dtype, trust_re
     return _no_dropout(model).to(device)
 
 
-def load_reward_model(name: str, device: torch.device, dtype: torch.dtype, pad_token_id: int, trust_remote_code: bool = False):
+def load_reward_model(name: str, device: torch.device, dtype: torch.dtype, pad_token_id: int,
+                      trust_remote_code: bool = False):
     """Sequence-classification model with one output (reward model, or a value model initialised from it)."""
     model = AutoModelForSequenceClassification.from_pretrained(
         resolve_model(name), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code

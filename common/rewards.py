@@ -7,7 +7,8 @@ import torch
 from common.tasks import format_prompt
 
 _MARKED = re.compile(r"(?:=|\bis\b|\bequals\b|\bequal to\b|\bget\b|####)\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
-_LEADING = re.compile(r"^\s*\**\s*(-?\d[\d,]*(?:\.\d+)?)\b(?!\s*(?:[-+*/x×]|times|plus|minus|and\b|divided))", re.IGNORECASE)
+_LEADING = re.compile(r"^\s*\**\s*(-?\d[\d,]*(?:\.\d+)?)\b"
+                      r"(?!\s*(?:[-+*/x×]|times|plus|minus|and\b|divided))", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -82,7 +83,8 @@ def encode_for_reward_model(reward_tokenizer, texts, max_length: int = 2048):
 
 
 def normalize_rewards(scores, config):
-    """(r - config.reward_mean) / config.reward_std where the reward model stores them (reward.py --normalize), else r: (B,) -> (B,)."""
+    """(r - config.reward_mean) / config.reward_std where the reward model stores them (reward.py --normalize),
+    else r: (B,) -> (B,)."""
     mean, std = getattr(config, "reward_mean", None), getattr(config, "reward_std", None)
     if mean is None or std is None:
         return scores

@@ -2,10 +2,12 @@
 
 - `arith` (embedded, offline, the default): short arithmetic and comparison questions checked by a
   verifier; demonstrations are correct answers, chosen/rejected pairs a correct and a wrong one.
-- `gsm8k`: openai/gsm8k (config "main"), columns `question`, `answer` (worked solution ending "#### n"); verifier.
+- `gsm8k`: openai/gsm8k (config "main"), columns `question`, `answer` (worked solution ending "#### n");
+  verifier.
 - `tldr`: trl-lib/tldr, columns `prompt`, `completion`; needs --reward_model. Its preference pairs
   (reward.py) come from trl-lib/tldr-preference, columns `prompt`, `chosen`, `rejected`.
-- `hh`: Anthropic/hh-rlhf (data_dir "harmless-base"), columns `chosen`, `rejected` (whole dialogues); needs --reward_model.
+- `hh`: Anthropic/hh-rlhf (data_dir "harmless-base"), columns `chosen`, `rejected` (whole dialogues);
+  needs --reward_model.
 Every task also reads local .json/.jsonl(.gz)/.parquet files with the hub's columns (`data_files`).
 `load_task` gives the rows the policy trains on (and SFT's demonstrations); `load_preference_task`
 gives chosen/rejected pairs for a reward model.
@@ -203,7 +205,8 @@ def load_task(task: str, split: str, data_files: str | None = None, num_rows: in
     return rows
 
 
-def load_preference_task(task: str, split: str, data_files: str | None = None, num_rows: int | None = None, seed: int = 0):
+def load_preference_task(task: str, split: str, data_files: str | None = None, num_rows: int | None = None,
+                         seed: int = 0):
     """Rows with "prompt", "chosen" and "rejected" (responses only, the prompt apart) for a reward model.
 
     arith and hh: the task's own rows. tldr: trl-lib/tldr-preference, or local files with its columns
@@ -214,17 +217,20 @@ def load_preference_task(task: str, split: str, data_files: str | None = None, n
         return load_task(task, split, data_files, num_rows, seed)
     if task not in PREFERENCE_HUB:
         raise DataError(f"task {task!r} has no chosen/rejected pairs in its dataset; "
-                        f"tasks with pairs: arith, hh, {', '.join(PREFERENCE_HUB)} (for a verifiable task use --pairs policy)")
+                        f"tasks with pairs: arith, hh, {', '.join(PREFERENCE_HUB)} "
+                        "(for a verifiable task use --pairs policy)")
     columns = PREFERENCE_COLUMNS[task]
     if data_files:
         sources = [(path, read_records(path)) for path in data_files.split(",")]
     else:
-        sources = [(f"{PREFERENCE_HUB[task][0]}[{PREFERENCE_HUB[task][2][split]}]", _hub_records(task, split, PREFERENCE_HUB))]
+        sources = [(f"{PREFERENCE_HUB[task][0]}[{PREFERENCE_HUB[task][2][split]}]",
+                    _hub_records(task, split, PREFERENCE_HUB))]
     rows = []
     for source, records in sources:
         for i, r in _check_records(records, source, columns):
             chosen, rejected = r["chosen"].strip(), r["rejected"].strip()
-            rows.append({"id": f"{source}:{i}", "prompt": r["prompt"], "response": chosen, "chosen": chosen, "rejected": rejected})
+            rows.append({"id": f"{source}:{i}", "prompt": r["prompt"], "response": chosen, "chosen": chosen,
+                         "rejected": rejected})
     if num_rows is not None:
         rows = rows[:num_rows]
     return rows

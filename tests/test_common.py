@@ -4,13 +4,14 @@ import math
 
 import pytest
 import torch
+from conftest import SHARED_DATA
 
+from common.config import exact_div
 from common.generation import logprobs_from_logits, truncate_after_eos
 from common.resets import build_reset_states, sample_rollin_lengths, splice_reset_responses
 from common.rewards import RewardError, extract_answer, score_with_verifier, verify_arith, verify_gsm8k
 from common.tasks import DataError, arith_rows, encode_prompts, load_task, split_hh_dialogue
-from common.tracking import exact_div, linear_schedule
-from conftest import SHARED_DATA
+from common.training import linear_schedule
 
 EOS, PAD = 2, 0
 
@@ -188,7 +189,8 @@ def test_exact_div_and_schedule():
 
 
 def test_evaluate_reports_the_verifiers_gold_score_beside_a_learned_reward(tiny_model_dir, tokenizer):
-    """Under a learned reward, eval/reward is that reward and eval/accuracy the verifier's judgement of the same texts."""
+    """Under a learned reward, eval/reward is that reward and eval/accuracy the verifier's judgement of the same
+    texts."""
     from common.evaluation import evaluate
     from common.models import load_causal_lm
 
@@ -204,10 +206,12 @@ def test_evaluate_reports_the_verifiers_gold_score_beside_a_learned_reward(tiny_
     def verifier(row, text):  # a gold judge independent of the learned reward: prompts of even length pass
         return float(len(row["prompt"]) % 2 == 0)
 
-    sums, count, scores, _ = evaluate(model, None, tokenizer, rows, ids, mask, learned, 6, 0.0, 4, 0, verifier=verifier)
+    sums, count, scores, _ = evaluate(model, tokenizer, rows, ids, mask, score_fn=learned, response_length=6,
+                                      temperature=0.0, batch_size=4, seed=0, verifier=verifier)
     gold = [verifier(r, t) for r, t in zip(rows, seen)]
     assert 0 < sum(gold) < 6, "pick rows where the gold judge is neither all 0 nor all 1"
     assert count == 6 and sums["reward"] == pytest.approx(sum(len(t) for t in seen))
     assert sums["accuracy"] == sum(gold) and torch.equal(scores, torch.tensor([float(len(t)) for t in seen]))
-    sums, _, _, _ = evaluate(model, None, tokenizer, rows, ids, mask, learned, 6, 0.0, 4, 0, verifier=None)
+    sums, _, _, _ = evaluate(model, tokenizer, rows, ids, mask, score_fn=learned, response_length=6, temperature=0.0,
+                             batch_size=4, seed=0, verifier=None)
     assert "accuracy" not in sums  # no verifier (e.g. hh): no accuracy

@@ -5,7 +5,6 @@ import os
 import sys
 
 import pytest
-
 from conftest import ROOT, run_script
 
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
@@ -15,12 +14,15 @@ import compare  # noqa: E402
 def _write_run(run_dir, reward_before, reward_after, kl, seconds, memory, stage1=None, wall=100.0):
     """Two iterations of 16 samples, evaluations before (step 0) and after (step 2)."""
     os.makedirs(run_dir)
-    rows = [{"step": 0, "eval/reward": reward_before, "eval/accuracy": reward_before, "eval/kl": 0.0, "eval/win_rate": 0.5,
+    rows = [{"step": 0, "eval/reward": reward_before, "eval/accuracy": reward_before, "eval/kl": 0.0,
+             "eval/win_rate": 0.5,
              **({"perf/stage1_seconds": stage1} if stage1 is not None else {})}]
     for step, s in ((1, seconds[0]), (2, seconds[1])):
-        rows.append({"step": step, "episode": 16 * step, "perf/seconds_per_iter": s, "perf/tokens_per_second": 100.0 / s,
+        rows.append({"step": step, "episode": 16 * step, "perf/seconds_per_iter": s,
+                     "perf/tokens_per_second": 100.0 / s,
                      "perf/peak_memory_gb": memory})
-    rows.append({"step": 2, "eval/reward": reward_after, "eval/accuracy": reward_after, "eval/kl": kl, "eval/win_rate": 0.7})
+    rows.append({"step": 2, "eval/reward": reward_after, "eval/accuracy": reward_after, "eval/kl": kl,
+                 "eval/win_rate": 0.7})
     with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
     with open(os.path.join(run_dir, "compare.json"), "w") as f:
@@ -60,8 +62,10 @@ def test_mean_se_edge_cases():
 
 def test_findings_follow_the_numbers(tmp_path):
     base = {"seeds": 3, "wall_seconds": (1.0, 0.0), "tokens_per_second": (1.0, 0.0), "stage1_seconds": (0.0, 0.0)}
-    ppo = {**base, "reward": (0.40, 0.01), "kl": (4.0, 0.1), "train_seconds": (300.0, 5.0), "peak_memory_gb": (6.0, 0.01)}
-    drpo = {**base, "reward": (0.60, 0.01), "kl": (4.05, 0.1), "train_seconds": (290.0, 5.0), "peak_memory_gb": (6.0, 0.01)}
+    ppo = {**base, "reward": (0.40, 0.01), "kl": (4.0, 0.1), "train_seconds": (300.0, 5.0),
+           "peak_memory_gb": (6.0, 0.01)}
+    drpo = {**base, "reward": (0.60, 0.01), "kl": (4.05, 0.1), "train_seconds": (290.0, 5.0),
+            "peak_memory_gb": (6.0, 0.01)}
     text = "\n".join(compare.findings({"ppo": ppo, "drpo": drpo}))
     assert "reward 0.600 ± 0.010 vs 0.400 ± 0.010 (higher)" in text
     assert "KL 4.05 ± 0.10 vs 4.00 ± 0.10 (within noise" in text
@@ -90,8 +94,10 @@ def test_compare_smoke(tiny_model_dir, tmp_path):
 
 
 def test_max_train_seconds_stops_early(tiny_model_dir, tmp_path):
-    run_script([sys.executable, "grpo.py", "--model_name", tiny_model_dir, "--output_dir", str(tmp_path), "--response_length", "8",
-                "--micro_batch_size", "4", "--prompts_per_iteration", "2", "--grpo.num_generations", "2", "--num_eval_prompts", "4",
+    run_script([sys.executable, "grpo.py", "--model_name", tiny_model_dir, "--output_dir", str(tmp_path),
+                "--response_length", "8",
+                "--micro_batch_size", "4", "--prompts_per_iteration", "2", "--grpo.num_generations", "2",
+                "--num_eval_prompts", "4",
                 "--num_iterations", "50", "--max_train_seconds", "0.001"])
     rows = [json.loads(line) for line in open(tmp_path / "grpo__1" / "metrics.jsonl")]
     assert [r["step"] for r in rows if "perf/seconds_per_iter" in r] == [1]  # stopped after the first iteration

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
+from conftest import read_jsonl, run_script
 from safetensors.torch import load_file
 
-from conftest import read_jsonl, run_script
 from grpo import aggregate_loss, group_advantages, grpo_per_token_loss
 
 TINY = ["--num_iterations", "2", "--prompts_per_iteration", "4", "--grpo.num_generations", "2",
@@ -22,7 +22,8 @@ def test_group_advantages_by_hand():
     adv = group_advantages(scores, 3, scale_rewards=True)
     expected = [(2 / 3) / std, (-1 / 3) / std, (-1 / 3) / std, 0.0, 0.0, 0.0]
     assert adv.tolist() == pytest.approx(expected, rel=1e-3, abs=1e-6)
-    assert group_advantages(scores, 3, scale_rewards=False).tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3, 0, 0, 0], abs=1e-6)
+    mean_only = group_advantages(scores, 3, scale_rewards=False).tolist()
+    assert mean_only == pytest.approx([2 / 3, -1 / 3, -1 / 3, 0, 0, 0], abs=1e-6)
 
 
 def test_loss_aggregation_by_hand():
@@ -60,7 +61,7 @@ def test_grpo_smoke(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     run_script([sys.executable, "grpo.py", "--model_name", tiny_model_dir, "--output_dir", str(tmp_path),
-                "--grpo.kl_coef", "0.04", "--grpo.num_updates", "2", "--grpo.loss_type", "bnpo", *TINY])
+                "--grpo.kl_coef", "0.04", "--num_epochs", "2", "--grpo.loss_type", "bnpo", *TINY])
     run_dir = tmp_path / "grpo__1"
     rows = read_jsonl(run_dir / "metrics.jsonl")
     train = [r for r in rows if "loss/policy" in r]
@@ -88,18 +89,20 @@ def _weights(path):
 
 def test_resume_gives_the_same_weights(tiny_model_dir, tiny_reward_dir, tmp_path):
     # a reward model gives the random tiny policy graded rewards, so the weights do move
-    common = [sys.executable, "grpo.py", "--model_name", tiny_model_dir, "--reward_model", tiny_reward_dir, *TINY, "--num_iterations", "4",
-              "--lr_schedule", "linear", "--grpo.num_minibatches", "2", "--micro_batch_size", "2"]
+    common = [sys.executable, "grpo.py", "--model_name", tiny_model_dir, "--reward_model", tiny_reward_dir, *TINY,
+              "--num_iterations", "4", "--lr_schedule", "linear", "--num_minibatches", "2", "--micro_batch_size", "2"]
     run_script(common + ["--output_dir", str(tmp_path / "full"), "--save_every", "2"])
     ckpt = tmp_path / "full" / "grpo__1" / "checkpoints" / "iter_2"
     assert json.loads((ckpt / "iteration.json").read_text()) == {"iteration": 2}
     run_script(common + ["--output_dir", str(tmp_path / "resumed"), "--resume_from", str(ckpt)])
-    full, resumed = _weights(tmp_path / "full" / "grpo__1" / "model"), _weights(tmp_path / "resumed" / "grpo__1" / "model")
+    full, resumed = (_weights(tmp_path / "full" / "grpo__1" / "model"),
+                     _weights(tmp_path / "resumed" / "grpo__1" / "model"))
     init = _weights(tiny_model_dir)
     assert any(not torch.equal(full[k], init[k]) for k in full)  # training changed the weights
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
-    assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "grpo__1" / "metrics.jsonl") if "loss/policy" in r] == [3, 4]
+    assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "grpo__1" / "metrics.jsonl")
+            if "loss/policy" in r] == [3, 4]
 
 
 def test_two_processes_end_with_identical_weights(tiny_model_dir, tmp_path):
@@ -112,7 +115,7 @@ def test_two_processes_end_with_identical_weights(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (["--prompts_per_iteration", "3"], "not divisible by"),  # 3 prompts x 2 samples over micro-batches of 4
-    (["--grpo.num_generations", "1"], "at least 2"),
+    (["--grpo.num_generations", "1"], "num_generations must be >= 2"),
     (["--max_prompt_length", "8"], "longer than --max_prompt_length"),
     (["--task", "gsm8k", "--data_files", "MISSING_COLUMN"], "missing column"),
     (["--task", "hh", "--data_files", "HH_FILE"], "pass --reward_model"),
@@ -123,7 +126,8 @@ def test_bad_input_fails_early_and_clearly(tiny_model_dir, tmp_path, extra, mess
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "solution": "#### 1"}) + "\n")
     hh = tmp_path / "hh.jsonl"
-    hh.write_text(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: yes", "rejected": "\n\nHuman: hi\n\nAssistant: no"}) + "\n")
+    hh.write_text(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: yes",
+                              "rejected": "\n\nHuman: hi\n\nAssistant: no"}) + "\n")
     extra = [str(bad) if x == "MISSING_COLUMN" else str(hh) if x == "HH_FILE" else x for x in extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     proc = subprocess.run([sys.executable, "grpo.py", "--model_name", tiny_model_dir, "--output_dir", str(tmp_path),

@@ -1,4 +1,5 @@
-"""SFT and reward model: the losses and masks by hand, pair building, loaders of local files, smoke runs, normalisation."""
+"""SFT and reward model: the losses and masks by hand, pair building, loaders of local files, smoke runs,
+normalisation."""
 import json
 import math
 import sys
@@ -6,21 +7,23 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import read_jsonl, run_script, tiny_config
 
 from common.rewards import normalize_rewards, score, score_with_reward_model
 from common.tasks import DataError, load_preference_task, load_task
-from conftest import read_jsonl, run_script, tiny_config
 from reward import bradley_terry_loss, build_policy_pairs
 from sft import build_sft_example, collate_sft, response_nll
 
 
 def test_bradley_terry_loss_by_hand():
-    assert bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0])).item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-6)  # 0.3133
+    assert bradley_terry_loss(torch.tensor([1.0]), torch.tensor([0.0])).item() == pytest.approx(
+        math.log(1 + math.exp(-1)), abs=1e-6)  # 0.3133
     assert bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0])).item() == pytest.approx(math.log(2), abs=1e-6)
     # the mean over pairs; a wrong order costs more than a right one gains
     loss = bradley_terry_loss(torch.tensor([2.0, -1.0]), torch.tensor([0.0, 1.0]))
     assert loss.item() == pytest.approx((math.log(1 + math.exp(-2)) + math.log(1 + math.exp(2))) / 2, abs=1e-6)
-    assert bradley_terry_loss(torch.tensor([100.0]), torch.tensor([0.0])).item() == pytest.approx(0.0, abs=1e-6)  # no overflow
+    # no overflow
+    assert bradley_terry_loss(torch.tensor([100.0]), torch.tensor([0.0])).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_sft_labels_mask_prompt_and_padding(tokenizer):
@@ -46,17 +49,21 @@ def test_response_nll_matches_the_library_loss(tokenizer):
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_config(len(tokenizer), tokenizer.pad_token_id)).eval()
-    rows = [{"prompt": "What is 1 + 2?", "response": "1 + 2 = 3"}, {"prompt": "What is 10 - 2? Be brief.", "response": "8"}]
-    input_ids, attention_mask, labels = collate_sft([build_sft_example(tokenizer, r) for r in rows], tokenizer.pad_token_id)
+    rows = [{"prompt": "What is 1 + 2?", "response": "1 + 2 = 3"},
+            {"prompt": "What is 10 - 2? Be brief.", "response": "8"}]
+    input_ids, attention_mask, labels = collate_sft([build_sft_example(tokenizer, r) for r in rows],
+                                                    tokenizer.pad_token_id)
     with torch.no_grad():
         nll, count = response_nll(model, input_ids, attention_mask, labels)
-        expected = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss  # mean over labelled tokens
+        # mean over labelled tokens
+        expected = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
     assert count.item() == (labels != -100).sum().item()
     assert (nll / count).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_policy_pairs_from_verified_samples():
-    rows = [{"id": f"r{i}", "prompt": f"What is {i} + 1?", "answer": str(i + 1), "response": f"{i} + 1 = {i + 1}"} for i in range(3)]
+    rows = [{"id": f"r{i}", "prompt": f"What is {i} + 1?", "answer": str(i + 1), "response": f"{i} + 1 = {i + 1}"}
+            for i in range(3)]
     samples = [["0 + 1 = 1", "0 + 1 = 5", "I think 9"],  # right and wrong: a policy pair
                ["1 + 1 = 3", "no idea"],  # nothing right: the dataset's response is chosen
                ["3", "2 + 1 = 3"]]  # nothing wrong: skipped
@@ -65,8 +72,10 @@ def test_policy_pairs_from_verified_samples():
     pairs, counts = build_policy_pairs(rows, samples, VERIFIERS["arith"], seed=0)
     assert counts == {"prompts": 3, "skipped_no_wrong_sample": 1, "chosen_from_dataset": 1}
     assert [p["id"] for p in pairs] == ["r0", "r1"]
-    assert pairs[0]["chosen"] == "0 + 1 = 1" and pairs[0]["rejected"] in ("0 + 1 = 5", "I think 9") and pairs[0]["chosen_source"] == "policy"
-    assert pairs[1]["chosen"] == "1 + 1 = 2" and pairs[1]["rejected"] in samples[1] and pairs[1]["chosen_source"] == "dataset"
+    assert (pairs[0]["chosen"] == "0 + 1 = 1" and pairs[0]["rejected"] in ("0 + 1 = 5", "I think 9")
+            and pairs[0]["chosen_source"] == "policy")
+    assert (pairs[1]["chosen"] == "1 + 1 = 2" and pairs[1]["rejected"] in samples[1]
+            and pairs[1]["chosen_source"] == "dataset")
 
 
 def _write(path, records):
@@ -82,8 +91,9 @@ def test_local_loaders_for_sft_and_preference_columns(tmp_path):
     pref_file = _write(tmp_path / "tldr_pref.jsonl", [{"prompt": post, "chosen": " a greeting", "rejected": " a post"}])
     pairs = load_preference_task("tldr", "train", pref_file)
     assert pairs[0]["prompt"] == post and (pairs[0]["chosen"], pairs[0]["rejected"]) == ("a greeting", "a post")
-    hh_file = _write(tmp_path / "hh.jsonl", [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: How?\n\nAssistant: Like this.",
-                                               "rejected": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: How?\n\nAssistant: Go away."}])
+    hh_file = _write(tmp_path / "hh.jsonl",
+                     [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: How?\n\nAssistant: Like this.",
+                       "rejected": "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: How?\n\nAssistant: Go away."}])
     for hh in (load_task("hh", "train", hh_file), load_preference_task("hh", "train", hh_file)):
         assert hh[0]["prompt"].endswith("\n\nHuman: How?\n\nAssistant:") and len(hh[0]["messages"]) == 3
         assert (hh[0]["chosen"], hh[0]["rejected"], hh[0]["response"]) == ("Like this.", "Go away.", "Like this.")
@@ -147,7 +157,8 @@ def test_sft_smoke(tiny_model_dir, tmp_path):
 def test_reward_smoke_normalised_and_cached(tiny_model_dir, tokenizer, tmp_path):
     from common.models import load_reward_model
 
-    proc = run_script([sys.executable, "reward.py", "--model_name", tiny_model_dir, "--output_dir", str(tmp_path), *TINY_REWARD])
+    proc = run_script([sys.executable, "reward.py", "--model_name", tiny_model_dir, "--output_dir", str(tmp_path),
+                       *TINY_REWARD])
     assert "sampled 2 responses per prompt" in proc.stdout
     run_dir = tmp_path / "reward__1"
     rows = read_jsonl(run_dir / "metrics.jsonl")
@@ -157,11 +168,14 @@ def test_reward_smoke_normalised_and_cached(tiny_model_dir, tokenizer, tmp_path)
     for key in ("eval/preference_accuracy", "eval/loss", "eval/margin", "reward/mean", "reward/std"):
         assert math.isfinite(final[key]), key
     model = load_reward_model(str(run_dir / "model"), torch.device("cpu"), torch.float32, tokenizer.pad_token_id)
-    assert model.config.reward_mean == pytest.approx(final["reward/mean"]) and model.config.pad_token_id == tokenizer.pad_token_id
+    assert (model.config.reward_mean == pytest.approx(final["reward/mean"])
+            and model.config.pad_token_id == tokenizer.pad_token_id)
     # scored as the RL files score, the training responses have mean 0 and std 1: reward.py trains on the same text
     pairs = read_jsonl(run_dir / "train_pairs.jsonl")
-    scores = score(pairs * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], None, model, tokenizer, batch_size=16)
-    assert scores.mean().item() == pytest.approx(0.0, abs=1e-3) and scores.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
+    scores = score(pairs * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], None, model, tokenizer,
+                   batch_size=16)
+    assert (scores.mean().item() == pytest.approx(0.0, abs=1e-3)
+            and scores.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3))
     # a second run reuses the cached samples
     again = run_script([sys.executable, "reward.py", "--model_name", tiny_model_dir, "--output_dir", str(tmp_path),
                         *TINY_REWARD, "--exp_name", "again", "--epochs", "1", "--no_normalize"])
@@ -171,9 +185,13 @@ def test_reward_smoke_normalised_and_cached(tiny_model_dir, tokenizer, tmp_path)
 
 def test_reward_from_dataset_pairs(tiny_model_dir, tmp_path):
     post = "SUBREDDIT: r/x\n\nTITLE: t\n\nPOST: {}\n\nTL;DR:"
-    records = [{"prompt": post.format(f"post {i}"), "chosen": f" summary {i}", "rejected": " " + "words " * i} for i in range(16)]
+    records = [{"prompt": post.format(f"post {i}"), "chosen": f" summary {i}", "rejected": " " + "words " * i}
+               for i in range(16)]
     train, test = _write(tmp_path / "train.jsonl", records), _write(tmp_path / "test.jsonl", records[:4])
-    run_script([sys.executable, "reward.py", "--model_name", tiny_model_dir, "--output_dir", str(tmp_path), "--task", "tldr",
-                "--data_files", train, "--eval_data_files", test, "--batch_size", "8", "--micro_batch_size", "8", "--epochs", "1"])
+    run_script([sys.executable, "reward.py", "--model_name", tiny_model_dir, "--output_dir", str(tmp_path),
+                "--task", "tldr",
+                "--data_files", train, "--eval_data_files", test, "--batch_size", "8", "--micro_batch_size", "8",
+                "--epochs", "1"])
     final = read_jsonl(tmp_path / "reward__1" / "metrics.jsonl")[-1]
-    assert "eval/preference_accuracy" in final and not (tmp_path / "preference_pairs").exists()  # dataset pairs: no sampling
+    # dataset pairs: no sampling
+    assert "eval/preference_accuracy" in final and not (tmp_path / "preference_pairs").exists()

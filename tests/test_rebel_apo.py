@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
-
-from apo import apo_loss, optimal_value
 from conftest import read_jsonl, run_script
+
+from apo import APOHParams, apo_loss, optimal_value
 from rebel import rebel_loss
 
 TINY_RUN = ["--num_iterations", "2", "--num_eval_prompts", "8", "--eval_batch_size", "8", "--response_length", "8",
@@ -42,7 +42,8 @@ def test_rebel_loss_zero_when_log_ratio_difference_is_eta_times_reward_differenc
     mask = torch.ones(6, 5)
     mask[1, 3:] = 0
     log_ratio = ((logprobs - old) * mask).sum(1).view(-1, 2)  # (3, 2)
-    rewards = torch.stack([log_ratio[:, 0] / eta + 7.0, log_ratio[:, 1] / eta + 7.0], dim=1).flatten()  # a shared offset cancels
+    # a shared offset cancels
+    rewards = torch.stack([log_ratio[:, 0] / eta + 7.0, log_ratio[:, 1] / eta + 7.0], dim=1).flatten()
     assert torch.allclose(rebel_loss(logprobs, old, mask, rewards, eta), torch.zeros(3), atol=1e-10)
     # and the gradient at pi = pi_t is -2 eta (R(y) - R(y')) on y's real tokens: a policy-gradient step on the pair
     lp = old.clone().requires_grad_(True)
@@ -70,8 +71,8 @@ def test_optimal_value_beta1_zero_is_the_mean_and_the_limits():
     assert torch.allclose(optimal_value(rewards, 0.0), torch.tensor([0.5, 1.0]))  # beta1 = 0 exactly: the mean
     assert torch.allclose(optimal_value(rewards, 1e4), torch.tensor([0.5, 1.0]), atol=1e-3)  # beta1 -> inf: the mean
     assert torch.allclose(optimal_value(rewards, 1e-3), torch.tensor([1.0, 2.0]), atol=2e-3)  # beta1 -> 0+: the max
-    with pytest.raises(ValueError):
-        optimal_value(rewards, -0.5)
+    with pytest.raises(ValueError, match="beta1 must be >= 0"):  # refused when the flags are parsed
+        APOHParams(beta1=-0.5)
 
 
 def test_optimal_value_is_stable_for_large_rewards_and_small_beta1():
@@ -93,7 +94,8 @@ def test_apo_loss_hand_values():
     assert torch.allclose(loss, torch.tensor([0.09, 0.0025]))
     assert loss.mean().item() == pytest.approx(0.04625)
     # zero when beta2 * log-ratio equals the optimal advantage
-    assert apo_loss(logprobs, ref, mask, torch.tensor([0.7, -0.3]), torch.tensor([0.5, 0.0]), beta2=0.1).abs().max() < 1e-6
+    assert apo_loss(logprobs, ref, mask, torch.tensor([0.7, -0.3]), torch.tensor([0.5, 0.0]),
+                    beta2=0.1).abs().max() < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,8 +123,8 @@ def test_rebel_smoke(tiny_model_dir, tmp_path):
 
 def test_rebel_smoke_reward_model_kl_minibatches(tiny_model_dir, tiny_reward_dir, tmp_path):
     run_script([sys.executable, "rebel.py", "--model_name", tiny_model_dir, "--reward_model", tiny_reward_dir,
-                "--output_dir", str(tmp_path), *TINY_RUN, "--rebel.kl_coef", "0.1", "--rebel.num_minibatches", "2",
-                "--rebel.num_epochs", "2"])
+                "--output_dir", str(tmp_path), *TINY_RUN, "--rebel.kl_coef", "0.1", "--num_minibatches", "2",
+                "--num_epochs", "2"])
     rows = _check_run(os.path.join(tmp_path, "rebel__1"), ("objective/kl", "policy/approxkl"))
     assert any(r.get("loss/policy", 0) > 0 for r in rows)  # a reward model's scores differ within pairs
 
@@ -142,11 +144,13 @@ def test_apo_smoke_and_stage1_cache(tiny_model_dir, tiny_reward_dir, tmp_path):
     second = run_script(args)  # same settings: stage 1 is loaded, not sampled, and training is unchanged
     assert "loaded the cached" in second.stdout and "cached the rewards" not in second.stdout
     assert "apo stage 1:" not in second.stderr  # no sampling progress bar
-    assert read_jsonl(os.path.join(tmp_path, "apo__1", "metrics.jsonl"))[1]["objective/v_star"] == rows[1]["objective/v_star"]
+    assert (read_jsonl(os.path.join(tmp_path, "apo__1", "metrics.jsonl"))[1]["objective/v_star"]
+            == rows[1]["objective/v_star"])
     assert len(os.listdir(os.path.join(tmp_path, "apo_stage1"))) == 1
 
     third = run_script(args + ["--apo.stage1_only", "--apo.beta1", "0", "--temperature", "1.0"])
-    assert "cached the rewards" in third.stdout and "[apo] reference" not in third.stdout  # another temperature, another entry
+    # another temperature, another entry
+    assert "cached the rewards" in third.stdout and "[apo] reference" not in third.stdout
     assert len(os.listdir(os.path.join(tmp_path, "apo_stage1"))) == 2
 
 

@@ -1,0 +1,91 @@
+"""How much of each algorithm file is its algorithm, and how far apart the files are.
+
+    python benchmark/anatomy.py
+
+Every non-blank line of an algorithm file is put in one of four kinds:
+- docs: the header docstring (the paper, commands, departures);
+- imports;
+- plumbing: the `Args` overrides of the shared flags, the calls into `common/` that set up the run,
+  start training, close an iteration (step 7) and finish it, and the loop's `with`/`for` lines;
+- algorithm: the method's hyper-parameters and their checks, its loss/advantage functions and
+  model classes, the models and optimizer it builds, and steps 1 to 6 of its loop (sampling,
+  resets, generation, scoring, rewards and advantages, the update).
+Also printed: `diff a.py b.py` changed-line counts for the pairs a reader compares.
+"""
+import os
+import re
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FILES = ["ppo.py", "ppo_pp.py", "drpo.py", "grpo.py", "rebel.py", "apo.py"]
+PAIRS = [("ppo.py", "ppo_pp.py"), ("ppo.py", "drpo.py"), ("grpo.py", "rebel.py"), ("rebel.py", "apo.py"),
+         ("ppo.py", "grpo.py")]
+PLUMBING_CALLS = re.compile(r"tyro\.cli|parse_args\(|setup_run\(|start_training\(|finish_run\(|save_on_failure\(|"
+                            r"for iteration in iterations\(|accelerator, device, tokenizer = ")
+
+
+def classify(path):
+    """Kinds of the non-blank lines of one file: {"docs": n, "imports": n, "plumbing": n, "algorithm": n}."""
+    lines = open(path).read().splitlines()
+    kinds = []
+    section, in_doc, open_parens, in_main, step = "top", False, 0, False, None
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if i == 0 and stripped.startswith('"""'):
+            in_doc = not (stripped.endswith('"""') and len(stripped) > 3)
+            kinds.append("docs")
+            continue
+        if in_doc:
+            kinds.append("docs")
+            in_doc = not stripped.endswith('"""')
+            continue
+        if not stripped:
+            kinds.append(None)
+            continue
+        if open_parens > 0:  # a continuation of the previous statement keeps its kind
+            kinds.append(kinds[-1] if kinds[-1] else "plumbing")
+            open_parens += line.count("(") + line.count("[") - line.count(")") - line.count("]")
+            continue
+        open_parens = line.count("(") + line.count("[") - line.count(")") - line.count("]")
+        if not line.startswith((" ", "\t", ")", "]")):
+            in_main = line.startswith("if __name__")
+            decorated = lines[i + 1] if line.startswith("@") else line
+            section = ("imports" if line.startswith(("import ", "from ")) else
+                       "args" if decorated.startswith("class Args") else "top")
+        if section == "imports":
+            kinds.append("imports")
+        elif section == "args":
+            kinds.append("plumbing")
+        elif not in_main:
+            kinds.append("algorithm")
+        else:
+            match = re.match(r"\s*# (\d)\.", line)
+            step = int(match.group(1)) if match else step
+            if step is None:  # before the loop: models and optimizer are the algorithm, the calls into common/ are not
+                kinds.append("plumbing" if PLUMBING_CALLS.search(line) or stripped.startswith("if __name__") else
+                             "algorithm")
+            elif step <= 6 and not PLUMBING_CALLS.search(line):
+                kinds.append("algorithm")
+            else:
+                kinds.append("plumbing")
+    counts = {k: kinds.count(k) for k in ("docs", "imports", "plumbing", "algorithm")}
+    counts["lines"] = len(lines)
+    return counts
+
+
+def changed_lines(a, b):
+    out = subprocess.run(["diff", os.path.join(ROOT, a), os.path.join(ROOT, b)], capture_output=True, text=True).stdout
+    return sum(1 for line in out.splitlines() if line[:1] in "<>")
+
+
+if __name__ == "__main__":
+    print("| file | lines | non-blank | docs | imports | plumbing | algorithm | algorithm share |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in FILES:
+        c = classify(os.path.join(ROOT, name))
+        non_blank = c["docs"] + c["imports"] + c["plumbing"] + c["algorithm"]
+        print(f"| {name} | {c['lines']} | {non_blank} | {c['docs']} | {c['imports']} | {c['plumbing']} | "
+              f"{c['algorithm']} | {c['algorithm'] / non_blank:.0%} |")
+    print()
+    for a, b in PAIRS:
+        print(f"diff {a} {b}: {changed_lines(a, b)} changed lines")

@@ -1,0 +1,148 @@
+"""The flags every training script shares, and the batch sizes derived from them."""
+import os
+import sys
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import tyro
+
+from common.models import EMBEDDED_MODEL
+
+
+@dataclass
+class BaseArgs:
+    """Shared flags; each algorithm file subclasses this, sets its own defaults and adds its method's block."""
+
+    # experiment
+    exp_name: str = os.path.basename(sys.argv[0]).removesuffix(".py")
+    """name of the run (default: the script's name); the output folder is {output_dir}/{exp_name}__{seed}"""
+    seed: int = 1
+    """random seed (each process adds process_index * 100003)"""
+    output_dir: str = "runs"
+    """where run folders go: metrics.jsonl, eval_samples.jsonl, model/, checkpoints/"""
+    track: bool = False
+    """log to Weights & Biases too"""
+    wandb_project: str = "resetrl"
+    """wandb project name"""
+    save_every: int = 0
+    """write a resumable checkpoint every N iterations (0: never)"""
+    resume_from: Optional[str] = None
+    """checkpoint folder (written by --save_every) to continue from"""
+
+    # models
+    model_name: str = EMBEDDED_MODEL
+    """policy and reference: hub id or local folder (the default falls back to the packaged copy offline)"""
+    reward_model: Optional[str] = None
+    """sequence-classification reward model (hub id or folder); default: the task's verifier"""
+    trust_remote_code: bool = False
+    """allow models whose code lives in their repository"""
+
+    # task
+    task: str = "arith"
+    """arith (embedded, offline), gsm8k, tldr or hh"""
+    data_files: Optional[str] = None
+    """local .json/.jsonl/.parquet training file(s), comma-separated, with the task's hub columns"""
+    eval_data_files: Optional[str] = None
+    """local held-out file(s), same columns"""
+    num_train_prompts: Optional[int] = None
+    """use the first N training prompts (None: all)"""
+    num_eval_prompts: int = 250
+    """held-out prompts evaluated"""
+    max_prompt_length: int = 256
+    """longest prompt in tokens; longer prompts are refused before training"""
+    response_length: int = 24
+    """tokens sampled per response (cut after the first EOS)"""
+    temperature: float = 0.7
+    """sampling temperature for training rollouts (log-probs use the same)"""
+    eval_temperature: float = 0.0
+    """sampling temperature for evaluation (0: greedy)"""
+
+    # batches and optimiser
+    num_iterations: int = 10
+    """training iterations (one batch of prompts each)"""
+    max_train_seconds: float = 0.0
+    """stop after the iteration that passes this many seconds of training (evaluation not counted), then
+    evaluate and save as usual (0: no limit). A linear lr schedule still assumes --num_iterations"""
+    prompts_per_iteration: int = 8
+    """prompts per iteration, over all processes"""
+    num_epochs: int = 1
+    """passes of optimisation over each iteration's samples (GRPO's mu, PPO's epochs)"""
+    num_minibatches: int = 1
+    """optimizer steps per pass over the samples (each minibatch holds whole groups where the method has them)"""
+    micro_batch_size: int = 16
+    """sequences per forward/backward on one process (gradient accumulation fills the minibatch)"""
+    learning_rate: float = 1e-5
+    """AdamW learning rate"""
+    lr_schedule: Literal["linear", "constant"] = "constant"
+    """learning-rate schedule over the optimizer steps"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    eval_every: int = 0
+    """evaluate every N iterations (0: only before and after training)"""
+    eval_batch_size: int = 64
+    """prompts per evaluation batch"""
+
+    def __post_init__(self):
+        check_flags(self, "", num_train_prompts=">= 1", num_eval_prompts=">= 1", max_prompt_length=">= 1",
+                    response_length=">= 1", temperature=">= 0", eval_temperature=">= 0", num_iterations=">= 0",
+                    max_train_seconds=">= 0", prompts_per_iteration=">= 1", num_epochs=">= 1",
+                    num_minibatches=">= 1", micro_batch_size=">= 1", learning_rate="> 0", weight_decay=">= 0",
+                    max_grad_norm="> 0", eval_every=">= 0", eval_batch_size=">= 1", save_every=">= 0")
+
+    # derived right after parsing (not flags)
+    world_size: tyro.conf.Suppress[int] = 0
+    """number of processes"""
+    local_prompts: tyro.conf.Suppress[int] = 0
+    """prompts per iteration on this process"""
+    local_batch_size: tyro.conf.Suppress[int] = 0
+    """sequences per iteration on this process"""
+    mini_batch_size: tyro.conf.Suppress[int] = 0
+    """sequences per optimizer step on this process"""
+    grad_accum_steps: tyro.conf.Suppress[int] = 0
+    """micro-batches per optimizer step"""
+
+
+def check_flags(obj, prefix: str, **rules: str) -> None:
+    """Refuse a flag outside its range, at parse time (tyro shows the message and exits with status 2).
+
+    `rules` maps a field of `obj` to ">= x", "> x" or "in [a, b]"; None values (unset optional flags) pass.
+    """
+    for name, rule in rules.items():
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        op, bound = rule.split(" ", 1)
+        if op == "in":
+            low, high = (float(x) for x in bound.strip("[]").split(","))
+            ok = low <= value <= high
+        else:
+            ok = value >= float(bound) if op == ">=" else value > float(bound)
+        if not ok:
+            raise ValueError(f"--{prefix + '.' if prefix else ''}{name} must be {rule}, got {value}")
+
+
+def exact_div(a: int, b: int, what: str) -> int:
+    """a / b when b divides a, else a clear error naming the two settings."""
+    if b <= 0 or a % b != 0:
+        raise ValueError(f"{what}: {a} is not divisible by {b}; change the batch settings so it is")
+    return a // b
+
+
+def derive_batch_sizes(args: BaseArgs, world_size: int, samples_per_prompt: int, group_size: int = 1) -> None:
+    """Fill the derived fields of `args`: per-process prompts and sequences, minibatch, gradient accumulation.
+
+    `group_size` > 1 keeps groups of that many consecutive sequences (REBEL's pairs) whole in every
+    minibatch and micro-batch.
+    """
+    args.world_size = world_size
+    args.local_prompts = exact_div(args.prompts_per_iteration, world_size, "--prompts_per_iteration over processes")
+    args.local_batch_size = args.local_prompts * samples_per_prompt
+    what = "sequences per process (prompts_per_iteration / processes x samples per prompt) over --num_minibatches"
+    if group_size > 1:
+        what = "groups per process (prompts_per_iteration / processes) over --num_minibatches"
+        exact_div(args.micro_batch_size, group_size, f"--micro_batch_size must hold whole groups of {group_size}")
+    args.mini_batch_size = group_size * exact_div(args.local_batch_size // group_size, args.num_minibatches, what)
+    args.grad_accum_steps = exact_div(args.mini_batch_size, args.micro_batch_size,
+                                      "minibatch size over --micro_batch_size")

@@ -1,0 +1,59 @@
+"""Optimisation plumbing of the update loops: minibatch order, micro-batches, the optimizer step, schedules."""
+import contextlib
+
+import torch
+
+
+def masked_mean(x, mask) -> float:
+    """Mean of `x` over the entries where `mask` is true, as a Python float for logging: (B, T), (B, T) -> float."""
+    mask = mask.float()
+    return (x.detach() * mask).sum().item() / max(mask.sum().item(), 1.0)
+
+
+def make_optimizer(model, args):
+    """AdamW over `model`'s parameters (--learning_rate, --weight_decay, eps 1e-8) and the --lr_schedule over
+    --num_iterations x --num_epochs x --num_minibatches optimizer steps. Returns (optimizer, scheduler)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, eps=1e-8)
+    num_steps = args.num_iterations * args.num_epochs * args.num_minibatches
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(args.lr_schedule, num_steps))
+    return optimizer, scheduler
+
+
+def linear_schedule(kind: str, total_steps: int):
+    """LR multiplier per optimizer step: `linear` decays 1 -> 0 over `total_steps`, `constant` stays 1."""
+    if kind == "constant":
+        return lambda step: 1.0
+    if kind == "linear":
+        return lambda step: max(0.0, 1.0 - step / max(1, total_steps))
+    raise ValueError(f"unknown lr schedule {kind!r}; use linear or constant")
+
+
+def minibatches(args, device, group_size: int = 1):
+    """Row indices of every minibatch of every epoch (--num_epochs passes over this process's batch, each a fresh
+    shuffle, --num_minibatches minibatches each): yields (mini_batch_size,) tensors.
+
+    Rows come in groups of `group_size` consecutive rows (REBEL's pairs) that stay together.
+    """
+    for _ in range(args.num_epochs):
+        order = torch.randperm(args.local_batch_size // group_size, device=device)  # (B / group_size,)
+        if group_size > 1:
+            order = (group_size * order[:, None] + torch.arange(group_size, device=device)).flatten()  # (B,)
+        yield from order.split(args.mini_batch_size)
+
+
+def micro_batches(accelerator, model, mini, micro_batch_size: int):
+    """Split a minibatch's indices into micro-batches; each runs under autocast, and gradients are
+    all-reduced across processes on the last one only (gradient accumulation). Yields (b,) tensors."""
+    chunks = mini.split(micro_batch_size)
+    for k, micro in enumerate(chunks):
+        sync = contextlib.nullcontext() if k == len(chunks) - 1 else accelerator.no_sync(model)
+        with sync, accelerator.autocast():
+            yield micro
+
+
+def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float) -> None:
+    """Clip the accumulated gradients, step the optimizer and the schedule, clear the gradients."""
+    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad()
