@@ -249,7 +249,7 @@ if __name__ == "__main__":
 
             # 7. log and evaluate
             stats.update({"objective/kl": kl.mean().item(),
-                          "objective/entropy": ((entropy * action_mask).sum() / action_mask.sum()).item(),
+                          "objective/entropy": masked_mean(entropy, action_mask),
                           "objective/non_score_reward": (-args.ppo.kl_coef * kl).mean().item(),
                           "objective/rlhf_reward": (scores - args.ppo.kl_coef * kl).mean().item(),
                           "val/rollin_length": forced.sum(1).float().mean().item()})
