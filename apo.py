@@ -21,12 +21,12 @@ Where this file departs from the paper and why:
 """
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
-import tyro
 
-from common.config import BaseArgs, check_flags
+from common.config import BaseArgs, parse_args
 from common.generation import forward_logprobs
 from common.run import (end_iteration, finish_run, iterations, keep_training_prompts, logprobs_of, rollout,
                         sample_prompts, save_on_failure, setup_run, start_training, training_prompt_scores)
@@ -47,9 +47,7 @@ class APOHParams:
     """drop training prompts whose N reference samples all score <= 0 (never solved; for 0/1 verifiers)"""
     stage1_only: bool = False
     """run stage 1 (sample, score, cache) and exit"""
-
-    def __post_init__(self):
-        check_flags(self, "apo", num_samples=">= 1", beta1=">= 0", beta2="> 0", entropy_coef=">= 0")
+    ranges: ClassVar[dict] = dict(num_samples=">= 1", beta1=">= 0", beta2="> 0", entropy_coef=">= 0")
 
 
 @dataclass
@@ -78,7 +76,7 @@ def apo_loss(logprobs, ref_logprobs, mask, rewards, v_star, beta2: float):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args, use_underscores=True)
+    args = parse_args(Args)
     # the policy, and (where the method needs one) a frozen copy of it as the reference
     run, policy, ref_model = setup_run(args, samples_per_prompt=1, reference=True)
     accelerator, device, tokenizer = run.accelerator, run.device, run.tokenizer

@@ -17,12 +17,11 @@ Where this file departs from the paper and why:
    inactive, so the old log-probs are the current ones detached, which saves a forward pass.
 """
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
-import tyro
 
-from common.config import BaseArgs, check_flags
+from common.config import BaseArgs, parse_args
 from common.generation import forward_logprobs
 from common.run import (end_iteration, finish_run, iterations, logprobs_of, rollout, sample_prompts,
                         save_on_failure, setup_run, start_training)
@@ -42,9 +41,7 @@ class GRPOHParams:
     bnpo = token sum / token count; dr_grpo = token sum / (sequences x response_length)"""
     scale_rewards: bool = True
     """divide advantages by the group's standard deviation; False = mean-only (Dr. GRPO)"""
-
-    def __post_init__(self):
-        check_flags(self, "grpo", num_generations=">= 2", cliprange="> 0", kl_coef=">= 0")
+    ranges: ClassVar[dict] = dict(num_generations=">= 2", cliprange="> 0", kl_coef=">= 0")
 
 
 @dataclass
@@ -85,7 +82,7 @@ def aggregate_loss(per_token, mask, loss_type: str, num_sequences: int, num_toke
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args, use_underscores=True)
+    args = parse_args(Args)
     G = args.grpo.num_generations
     # the policy, and (where the method needs one) a frozen copy of it as the reference
     run, policy, ref_model = setup_run(args, samples_per_prompt=G, reference=args.grpo.kl_coef > 0)

@@ -17,16 +17,15 @@ Where this file departs from the summarize_from_feedback_details code and why:
    4 epochs and far larger batches; paper-scale commands go in benchmark/).
 """
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
-import tyro
 from torch import nn
 
-from common.config import BaseArgs, check_flags
+from common.config import BaseArgs, parse_args
 from common.generation import (entropy_from_logits, logprobs_from_logits, position_ids_from_mask,
                                response_logits)
-from common.models import load_reward_model, load_tokenizer
+from common.models import load_reward_model
 from common.run import (end_iteration, finish_run, iterations, logprobs_of, rollout, sample_prompts,
                         save_on_failure, setup_run, start_training)
 from common.training import make_optimizer, masked_mean, micro_batches, minibatches, optimizer_step
@@ -51,10 +50,8 @@ class PPOHParams:
     value_model: Optional[str] = None
     """value model's initial weights (hub id or folder); default: --reward_model if given, else --model_name
     with a zeroed scalar head"""
-
-    def __post_init__(self):
-        check_flags(self, "ppo", kl_coef=">= 0", gamma="in [0, 1]", lam="in [0, 1]", cliprange="> 0",
-                    cliprange_value="> 0", vf_coef=">= 0")
+    ranges: ClassVar[dict] = dict(kl_coef=">= 0", gamma="in [0, 1]", lam="in [0, 1]", cliprange="> 0",
+                                  cliprange_value="> 0", vf_coef=">= 0")
 
 
 @dataclass
@@ -132,16 +129,11 @@ class PolicyAndValue(nn.Module):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args, use_underscores=True)
-    value_source = args.ppo.value_model or args.reward_model or args.model_name
-    if value_source != args.model_name:  # the value model reads the policy's token ids
-        value_vocab, vocab = [load_tokenizer(name, args.trust_remote_code).get_vocab()
-                              for name in (value_source, args.model_name)]
-        if any(value_vocab.get(token) != i for token, i in vocab.items()):
-            raise ValueError(f"{value_source} (the value model's start) has another vocabulary than the policy "
-                             f"{args.model_name}; pass --ppo.value_model with a model sharing the policy's tokenizer")
+    args = parse_args(Args)
+    value_source = args.ppo.value_model or args.reward_model or args.model_name  # it reads the policy's token ids
     # the policy, and (where the method needs one) a frozen copy of it as the reference
-    run, policy, ref_model = setup_run(args, samples_per_prompt=1, reference=True)
+    run, policy, ref_model = setup_run(args, samples_per_prompt=1, reference=True,
+                                       same_vocabulary={value_source} - {args.model_name})
     accelerator, device, tokenizer = run.accelerator, run.device, run.tokenizer
 
     # ALGO LOGIC: the value model, a sequence-classification model whose scalar head is read at every response position

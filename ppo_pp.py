@@ -23,17 +23,16 @@ Where this file departs from the summarize_from_feedback_details code (and the a
    the policy's, since h <= len-1 leaves it at least one token.
 """
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
-import tyro
 from torch import nn
 
-from common.config import BaseArgs, check_flags
+from common.config import BaseArgs, parse_args
 from common.generation import (entropy_from_logits, logprobs_from_logits, position_ids_from_mask,
                                response_logits, truncate_after_eos)
-from common.models import load_reward_model, load_tokenizer
+from common.models import load_reward_model
 from common.resets import build_reset_states, sample_rollin_lengths, splice_reset_responses
 from common.run import (end_iteration, finish_run, iterations, logprobs_of, rollout, sample_prompts,
                         save_on_failure, setup_run, start_training)
@@ -61,11 +60,8 @@ class PPOHParams:
     value_model: Optional[str] = None
     """value model's initial weights (hub id or folder); default: --reward_model if given, else --model_name
     with a zeroed scalar head"""
-
-    def __post_init__(self):
-        check_flags(self, "ppo", kl_coef=">= 0", gamma="in [0, 1]", lam="in [0, 1]", cliprange="> 0",
-                    cliprange_value="> 0", vf_coef=">= 0")
-        check_flags(self, "ppo", reset_prob="in [0, 1]")
+    ranges: ClassVar[dict] = dict(kl_coef=">= 0", gamma="in [0, 1]", lam="in [0, 1]", cliprange="> 0",
+                                  cliprange_value="> 0", vf_coef=">= 0", reset_prob="in [0, 1]")
 
 
 @dataclass
@@ -143,16 +139,11 @@ class PolicyAndValue(nn.Module):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args, use_underscores=True)
-    value_source = args.ppo.value_model or args.reward_model or args.model_name
-    if value_source != args.model_name:  # the value model reads the policy's token ids
-        value_vocab, vocab = [load_tokenizer(name, args.trust_remote_code).get_vocab()
-                              for name in (value_source, args.model_name)]
-        if any(value_vocab.get(token) != i for token, i in vocab.items()):
-            raise ValueError(f"{value_source} (the value model's start) has another vocabulary than the policy "
-                             f"{args.model_name}; pass --ppo.value_model with a model sharing the policy's tokenizer")
+    args = parse_args(Args)
+    value_source = args.ppo.value_model or args.reward_model or args.model_name  # it reads the policy's token ids
     # the policy, and (where the method needs one) a frozen copy of it as the reference
-    run, policy, ref_model = setup_run(args, samples_per_prompt=1, reference=True)
+    run, policy, ref_model = setup_run(args, samples_per_prompt=1, reference=True,
+                                       same_vocabulary={value_source} - {args.model_name})
     accelerator, device, tokenizer = run.accelerator, run.device, run.tokenizer
 
     # ALGO LOGIC: the value model, a sequence-classification model whose scalar head is read at every response position

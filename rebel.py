@@ -20,11 +20,11 @@ Where this file departs from the paper and why:
 4. No fixed score for responses without EOS (the authors' code gives them -1): a verifier scores them.
 """
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
-import tyro
 
-from common.config import BaseArgs, check_flags
+from common.config import BaseArgs, parse_args
 from common.generation import forward_logprobs
 from common.run import (end_iteration, finish_run, iterations, logprobs_of, rollout, sample_prompts,
                         save_on_failure, setup_run, start_training)
@@ -37,9 +37,7 @@ class RebelHParams:
     """eta: the log-ratio difference is regressed onto eta * (R(y) - R(y')) (the paper's eta; larger = larger steps)"""
     kl_coef: float = 0.0
     """weight of the summed KL estimate sum_t (lp - lp_ref) in the reward R (0: no reference model in training)"""
-
-    def __post_init__(self):
-        check_flags(self, "rebel", eta="> 0", kl_coef=">= 0")
+    ranges: ClassVar[dict] = dict(eta="> 0", kl_coef=">= 0")
 
 
 @dataclass
@@ -61,7 +59,7 @@ def rebel_loss(logprobs, old_logprobs, mask, rewards, eta: float):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args, use_underscores=True)
+    args = parse_args(Args)
     G = 2  # REBEL compares two responses per prompt
     # the policy, and (where the method needs one) a frozen copy of it as the reference
     run, policy, ref_model = setup_run(args, samples_per_prompt=G, group_size=G, reference=args.rebel.kl_coef > 0)

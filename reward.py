@@ -56,7 +56,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import numpy as np
 import torch
@@ -66,7 +66,9 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from common.config import exact_div
+from common.checkpoints import start_run_dir
+from common.config import exact_div, parse_args
+from common.errors import UserError
 from common.generation import generate, truncate_after_eos
 from common.models import EMBEDDED_MODEL, load_causal_lm, load_reward_model, load_tokenizer, resolve_model, save_model
 from common.rewards import VERIFIERS, encode_for_reward_model, reward_model_texts, score_with_verifier
@@ -80,7 +82,7 @@ from common.training import linear_schedule
 class Args:
     # experiment
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """name of the run; the output folder is {output_dir}/{exp_name}__{seed}"""
+    """name of the run; its folder is {output_dir}/{exp_name}__{seed}__{time}, linked as {exp_name}__{seed}"""
     seed: int = 1
     """random seed (each process adds process_index * 100003); also seeds the policy samples"""
     output_dir: str = "runs"
@@ -156,6 +158,12 @@ class Args:
     """training pairs (first N) whose chosen and rejected responses give that mean and std"""
 
     # derived right after parsing (not flags)
+    ranges: ClassVar[dict] = dict(
+        num_train_prompts=">= 1", num_eval_prompts=">= 1", max_prompt_length=">= 1", max_length=">= 2",
+        num_samples=">= 1", temperature="> 0", response_length=">= 1", sample_batch_size=">= 1", epochs=">= 1",
+        batch_size=">= 1", micro_batch_size=">= 1", learning_rate="> 0", weight_decay=">= 0", max_grad_norm="> 0",
+        eval_batch_size=">= 1", num_normalize_pairs=">= 1")  # checked when the flags are parsed
+
     world_size: tyro.conf.Suppress[int] = 0
     """number of processes"""
     local_batch_size: tyro.conf.Suppress[int] = 0
@@ -229,7 +237,7 @@ def preference_accuracy_and_loss(rewards_chosen, rewards_rejected):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args, use_underscores=True)
+    args = parse_args(Args)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True lets torchrun/accelerate use gloo on CPU
     args.world_size = accelerator.num_processes
     args.local_batch_size = exact_div(args.batch_size, args.world_size, "--batch_size over processes")
@@ -237,18 +245,15 @@ if __name__ == "__main__":
                                       "pairs per process over --micro_batch_size")
     pairs_kind = args.pairs or ("policy" if args.task in VERIFIERS else "dataset")
     if pairs_kind == "policy" and args.task not in VERIFIERS:
-        raise ValueError(f"--pairs policy needs a task with a verifier ({', '.join(VERIFIERS)}); "
+        raise UserError(f"--pairs policy needs a task with a verifier ({', '.join(VERIFIERS)}); "
                          f"task {args.task} has none: use --pairs dataset")
     if pairs_kind == "policy" and args.num_samples < 2:
-        raise ValueError("--num_samples must be at least 2 with --pairs policy: "
+        raise UserError("--num_samples must be at least 2 with --pairs policy: "
                          "a pair needs a wrong and (usually) a right sample")
     seed_everything(args.seed + accelerator.process_index * 100003)
     device = accelerator.device
-    run_dir = os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}")
+    run_dir = start_run_dir(accelerator, args.output_dir, args.exp_name, args.seed)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    if accelerator.is_main_process:
-        os.makedirs(run_dir, exist_ok=True)
-        open(metrics_path, "w").close()
     tokenizer = load_tokenizer(args.model_name, args.trust_remote_code)
 
     # 1. pairs: the task's own, or the reference policy's samples judged by the verifier (sampled once, cached)
@@ -336,7 +341,7 @@ if __name__ == "__main__":
     train_pairs, eval_pairs = (fitting(train_pairs, f"task {args.task} train"),
                                fitting(eval_pairs, f"task {args.task} test"))
     if len(train_pairs) < args.batch_size:
-        raise ValueError(f"{len(train_pairs)} training pairs, fewer than --batch_size {args.batch_size}")
+        raise UserError(f"{len(train_pairs)} training pairs, fewer than --batch_size {args.batch_size}")
     if accelerator.is_main_process:
         with open(os.path.join(run_dir, "train_pairs.jsonl"), "w") as f:
             f.writelines(json.dumps(p) + "\n" for p in train_pairs)
@@ -453,7 +458,7 @@ if __name__ == "__main__":
         values = torch.tensor(gather_object(local), dtype=torch.float64)
         mean, std = values.mean().item(), values.std(unbiased=False).item()
         if not std > 1e-6:
-            raise ValueError(f"the reward is constant ({mean:.4g}) on the {len(values)} training responses: "
+            raise UserError(f"the reward is constant ({mean:.4g}) on the {len(values)} training responses: "
                              "nothing to normalise; "
                              "train longer or pass --no_normalize")
         net.config.reward_mean, net.config.reward_std = mean, std

@@ -29,7 +29,7 @@ import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import numpy as np
 import torch
@@ -39,7 +39,9 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from common.config import exact_div
+from common.checkpoints import start_run_dir
+from common.config import exact_div, parse_args
+from common.errors import UserError
 from common.evaluation import evaluate
 from common.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer, save_model
 from common.rewards import VERIFIERS, score_with_verifier
@@ -53,7 +55,7 @@ from common.training import linear_schedule
 class Args:
     # experiment
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """name of the run; the output folder is {output_dir}/{exp_name}__{seed}"""
+    """name of the run; its folder is {output_dir}/{exp_name}__{seed}__{time}, linked as {exp_name}__{seed}"""
     seed: int = 1
     """random seed (each process adds process_index * 100003)"""
     output_dir: str = "runs"
@@ -107,6 +109,11 @@ class Args:
     """prompts (or demonstrations, for the loss) per evaluation batch"""
 
     # derived right after parsing (not flags)
+    ranges: ClassVar[dict] = dict(
+        num_train_rows=">= 1", num_eval_prompts=">= 1", max_prompt_length=">= 1", max_response_length=">= 1",
+        epochs=">= 1", batch_size=">= 1", micro_batch_size=">= 1", learning_rate="> 0", weight_decay=">= 0",
+        max_grad_norm="> 0", eval_every=">= 0", eval_batch_size=">= 1")  # checked when the flags are parsed
+
     world_size: tyro.conf.Suppress[int] = 0
     """number of processes"""
     local_batch_size: tyro.conf.Suppress[int] = 0
@@ -170,7 +177,7 @@ def keep_fitting(tokenizer, rows, max_response_length: int, what: str):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args, use_underscores=True)
+    args = parse_args(Args)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True lets torchrun/accelerate use gloo on CPU
     args.world_size = accelerator.num_processes
     args.local_batch_size = exact_div(args.batch_size, args.world_size, "--batch_size over processes")
@@ -178,12 +185,8 @@ if __name__ == "__main__":
                                       "batch size per process over --micro_batch_size")
     seed_everything(args.seed + accelerator.process_index * 100003)
     device = accelerator.device
-    run_dir = os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}")
+    run_dir = start_run_dir(accelerator, args.output_dir, args.exp_name, args.seed)
     metrics_path, samples_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "eval_samples.jsonl")
-    if accelerator.is_main_process:
-        os.makedirs(run_dir, exist_ok=True)
-        for path in (metrics_path, samples_path):
-            open(path, "w").close()
 
     # data: every check on the input happens here, before any training time is spent
     tokenizer = load_tokenizer(args.model_name, args.trust_remote_code)
@@ -195,7 +198,7 @@ if __name__ == "__main__":
                                               f"task {args.task} train")
     eval_rows, eval_examples = keep_fitting(tokenizer, eval_rows, args.max_response_length, f"task {args.task} test")
     if len(train_examples) < args.batch_size:
-        raise ValueError(f"{len(train_examples)} training demonstrations, fewer than --batch_size {args.batch_size}")
+        raise UserError(f"{len(train_examples)} training demonstrations, fewer than --batch_size {args.batch_size}")
     verifier = VERIFIERS.get(args.task)
     num_eval = len(eval_rows)
     my_eval = slice(accelerator.process_index, None, args.world_size)
@@ -207,7 +210,7 @@ if __name__ == "__main__":
     model = load_causal_lm(args.model_name, device, torch.float32, args.trust_remote_code)
     context = args.max_prompt_length + args.max_response_length
     if context > getattr(model.config, "max_position_embeddings", context):
-        raise ValueError(f"--max_prompt_length + --max_response_length = {context} exceeds the model's context "
+        raise UserError(f"--max_prompt_length + --max_response_length = {context} exceeds the model's context "
                          f"({model.config.max_position_embeddings} tokens); lower one of them")
     steps_per_epoch = len(train_examples) // args.batch_size  # the last partial batch of each epoch is dropped
     total_steps = args.epochs * steps_per_epoch

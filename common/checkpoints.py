@@ -1,23 +1,104 @@
-"""Resumable checkpoints: model, optimizer, scheduler and RNG states, written and read back."""
+"""Run folders that never collide, and resumable checkpoints written atomically.
+
+A run's folder is {output_dir}/{exp_name}__{seed}__{unix time} (CleanRL's convention), so the same
+command run twice keeps both runs; {output_dir}/{exp_name}__{seed} is a link to the newest of them
+(so `--model_name runs/sft__1/model` names the last SFT run's model). A checkpoint is written to
+`iter_N.tmp` and renamed to `iter_N` only when complete, so a process killed while writing one (or
+a full disk) never leaves a checkpoint that cannot be loaded: `--resume_from latest` takes the
+newest complete one.
+"""
+import glob
 import json
 import os
+import shutil
+import time
+
+from common.errors import UserError
+
+ITERATION_FILE = "iteration.json"  # written last into a checkpoint: its presence marks the checkpoint complete
+
+
+def new_run_dir(output_dir: str, exp_name: str, seed: int) -> str:
+    """Create and return a fresh run folder {output_dir}/{exp_name}__{seed}__{unix time} (a suffix if it exists)."""
+    base = os.path.join(output_dir, f"{exp_name}__{seed}__{int(time.time())}")
+    path, n = base, 1
+    while True:
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            n += 1
+            path = f"{base}_{n}"
+
+
+def start_run_dir(accelerator, output_dir: str, exp_name: str, seed: int) -> str:
+    """A new run folder made by the main process and known to all (`new_run_dir`), linked as the newest."""
+    from accelerate.utils import broadcast_object_list
+
+    run_dir = new_run_dir(output_dir, exp_name, seed) if accelerator.is_main_process else None
+    run_dir = broadcast_object_list([run_dir])[0]
+    if accelerator.is_main_process:
+        link_latest(run_dir)
+    accelerator.print(f"[{exp_name}] run folder: {run_dir}")
+    return run_dir
+
+
+def link_latest(run_dir: str) -> None:
+    """Point the link {exp_name}__{seed} (the run folder's name without its time) at `run_dir`; a real folder of
+    that name (written before run folders had times) is left alone."""
+    link = run_dir.rstrip("/").rsplit("__", 1)[0]
+    if os.path.exists(link) and not os.path.islink(link):
+        return
+    tmp = f"{link}.link{os.getpid()}"
+    os.symlink(os.path.basename(run_dir), tmp)
+    os.replace(tmp, link)
+
+
+def run_dirs(output_dir: str, exp_name: str, seed: int) -> list:
+    """Every run folder of `exp_name` and `seed` in `output_dir`, oldest first."""
+    prefix = os.path.join(output_dir, f"{exp_name}__{seed}__")
+    return sorted((p for p in glob.glob(glob.escape(prefix) + "*") if os.path.isdir(p)), key=os.path.getmtime)
+
+
+def checkpoint_iteration(ckpt_dir: str):
+    """The iteration a complete checkpoint folder holds, or None (no folder, or a write that did not finish)."""
+    try:
+        with open(os.path.join(ckpt_dir, ITERATION_FILE)) as f:
+            return json.load(f)["iteration"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def latest_checkpoint(output_dir: str, exp_name: str, seed: int):
+    """The newest complete checkpoint of any run of `exp_name` and `seed` in `output_dir`, or None."""
+    complete = [c for run in run_dirs(output_dir, exp_name, seed)
+                for c in glob.glob(os.path.join(glob.escape(run), "checkpoints", "iter_*"))
+                if not c.endswith(".tmp") and checkpoint_iteration(c) is not None]
+    return max(complete, key=lambda c: os.path.getmtime(os.path.join(c, ITERATION_FILE)), default=None)
 
 
 def save_checkpoint(accelerator, ckpt_dir: str, iteration: int) -> None:
-    """Model, optimizer, scheduler and every process's RNG states (accelerate), plus the iteration."""
-    accelerator.save_state(ckpt_dir)
+    """Model, optimizer, scheduler and every process's RNG states (accelerate), plus the iteration, written to
+    `ckpt_dir`.tmp and renamed to `ckpt_dir` once every process has written its part."""
+    tmp = f"{ckpt_dir}.tmp"
     if accelerator.is_main_process:
-        with open(os.path.join(ckpt_dir, "iteration.json"), "w") as f:
+        shutil.rmtree(tmp, ignore_errors=True)  # the leftover of a write that was killed
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, ITERATION_FILE), "w") as f:
             json.dump({"iteration": iteration}, f)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # the same iteration saved by an earlier attempt of this run
+        os.replace(tmp, ckpt_dir)
     accelerator.wait_for_everyone()
 
 
 def load_checkpoint(accelerator, ckpt_dir: str) -> int:
     """Restore what `save_checkpoint` wrote; return the last completed iteration."""
-    path = os.path.join(ckpt_dir, "iteration.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--resume_from {ckpt_dir}: no iteration.json there; "
-                                "pass a folder written by --save_every")
+    iteration = checkpoint_iteration(ckpt_dir)
+    if iteration is None:
+        raise UserError(f"--resume_from {ckpt_dir}: not a complete checkpoint (no {ITERATION_FILE}); pass a "
+                        "checkpoints/iter_N folder written by --save_every, or `latest`")
     accelerator.load_state(ckpt_dir)
-    with open(path) as f:
-        return json.load(f)["iteration"]
+    return iteration

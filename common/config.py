@@ -1,11 +1,13 @@
 """The flags every training script shares, and the batch sizes derived from them."""
 import os
 import sys
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import tyro
 
+from common.errors import UserError, exit_cleanly_on_user_errors
 from common.models import EMBEDDED_MODEL
 
 
@@ -15,7 +17,8 @@ class BaseArgs:
 
     # experiment
     exp_name: str = os.path.basename(sys.argv[0]).removesuffix(".py")
-    """name of the run (default: the script's name); the output folder is {output_dir}/{exp_name}__{seed}"""
+    """name of the run (default: the script's name); its folder is {output_dir}/{exp_name}__{seed}__{time},
+    and {output_dir}/{exp_name}__{seed} links to the newest such folder"""
     seed: int = 1
     """random seed (each process adds process_index * 100003)"""
     output_dir: str = "runs"
@@ -27,7 +30,8 @@ class BaseArgs:
     save_every: int = 0
     """write a resumable checkpoint every N iterations (0: never)"""
     resume_from: Optional[str] = None
-    """checkpoint folder (written by --save_every) to continue from"""
+    """checkpoint folder (written by --save_every) to continue from, in its run's folder; `latest`: the newest
+    checkpoint of this --exp_name and --seed in --output_dir (or a new run when there is none)"""
 
     # models
     model_name: str = EMBEDDED_MODEL
@@ -38,8 +42,8 @@ class BaseArgs:
     """allow models whose code lives in their repository"""
 
     # task
-    task: str = "arith"
-    """arith (embedded, offline), gsm8k, tldr or hh"""
+    task: Literal["arith", "gsm8k", "tldr", "hh"] = "arith"
+    """arith (embedded, offline, verifiable), gsm8k (verifiable), tldr or hh (these two need --reward_model)"""
     data_files: Optional[str] = None
     """local .json/.jsonl/.parquet training file(s), comma-separated, with the task's hub columns"""
     eval_data_files: Optional[str] = None
@@ -83,13 +87,17 @@ class BaseArgs:
     """evaluate every N iterations (0: only before and after training)"""
     eval_batch_size: int = 64
     """prompts per evaluation batch"""
+    eval_samples: int = 1
+    """responses per held-out prompt sampled at --temperature at each evaluation: they give eval/kl (the KL to the
+    reference), eval/sample_reward and eval/pass@k for k = 1, 2, 4, ... up to this (0: none of these)"""
 
-    def __post_init__(self):
-        check_flags(self, "", num_train_prompts=">= 1", num_eval_prompts=">= 1", max_prompt_length=">= 1",
-                    response_length=">= 1", temperature=">= 0", eval_temperature=">= 0", num_iterations=">= 0",
-                    max_train_seconds=">= 0", prompts_per_iteration=">= 1", num_epochs=">= 1",
-                    num_minibatches=">= 1", micro_batch_size=">= 1", learning_rate="> 0", weight_decay=">= 0",
-                    max_grad_norm="> 0", eval_every=">= 0", eval_batch_size=">= 1", save_every=">= 0")
+    # the ranges parse_args checks (a method's flag group declares its own the same way)
+    ranges: ClassVar[dict] = dict(
+        num_train_prompts=">= 1", num_eval_prompts=">= 1", max_prompt_length=">= 1", response_length=">= 1",
+        temperature=">= 0", eval_temperature=">= 0", num_iterations=">= 0", max_train_seconds=">= 0",
+        prompts_per_iteration=">= 1", num_epochs=">= 1", num_minibatches=">= 1", micro_batch_size=">= 1",
+        learning_rate="> 0", weight_decay=">= 0", max_grad_norm="> 0", eval_every=">= 0", eval_batch_size=">= 1",
+        eval_samples=">= 0", save_every=">= 0")
 
     # derived right after parsing (not flags)
     world_size: tyro.conf.Suppress[int] = 0
@@ -104,12 +112,20 @@ class BaseArgs:
     """micro-batches per optimizer step"""
 
 
-def check_flags(obj, prefix: str, **rules: str) -> None:
-    """Refuse a flag outside its range, at parse time (tyro shows the message and exits with status 2).
+def parse_args(args_class):
+    """The command line as an `args_class` instance (tyro: `--help`, exit status 2 on an unknown flag), with every
+    flag checked against the `ranges` its dataclass declares. From here on a UserError anywhere (this one
+    included) ends the run with one line on stderr and exit status 2."""
+    exit_cleanly_on_user_errors()
+    args = tyro.cli(args_class, use_underscores=True)
+    check_ranges(args)
+    return args
 
-    `rules` maps a field of `obj` to ">= x", "> x" or "in [a, b]"; None values (unset optional flags) pass.
-    """
-    for name, rule in rules.items():
+
+def check_ranges(obj, prefix: str = "") -> None:
+    """Refuse a flag outside the range its dataclass declares in `ranges` (">= x", "> x" or "in [a, b]"), in `obj`
+    and the flag groups nested in it; unset optional flags (None) pass."""
+    for name, rule in getattr(obj, "ranges", {}).items():
         value = getattr(obj, name)
         if value is None:
             continue
@@ -120,13 +136,17 @@ def check_flags(obj, prefix: str, **rules: str) -> None:
         else:
             ok = value >= float(bound) if op == ">=" else value > float(bound)
         if not ok:
-            raise ValueError(f"--{prefix + '.' if prefix else ''}{name} must be {rule}, got {value}")
+            raise UserError(f"--{prefix}{name} must be {rule}, got {value}")
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{prefix}{field.name}.")
 
 
 def exact_div(a: int, b: int, what: str) -> int:
     """a / b when b divides a, else a clear error naming the two settings."""
     if b <= 0 or a % b != 0:
-        raise ValueError(f"{what}: {a} is not divisible by {b}; change the batch settings so it is")
+        raise UserError(f"{what}: {a} is not divisible by {b}; change the batch settings so it is")
     return a // b
 
 

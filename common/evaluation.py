@@ -1,27 +1,27 @@
-"""Evaluation on the held-out split: reward, accuracy, KL to the reference, win rate, length, EOS rate;
-and the scores of several samples per prompt."""
+"""Evaluation on the held-out split: decoded responses (reward, accuracy, win rate, length, EOS rate), and sampled
+ones (pass@k, the KL to the reference); the scores of several samples per prompt."""
+import math
+
 import torch
 from tqdm.auto import tqdm
 
-from common.generation import batched_logprobs, generate, truncate_after_eos
+from common.generation import generate, sequence_kl, truncate_after_eos
 from common.rewards import score_with_verifier
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, rows, query_ids, query_mask, *, score_fn, response_length: int, temperature: float,
-             batch_size: int, seed: int, ref_model=None, ref_scores=None, verifier=None):
-    """Generate on held-out `rows` (this process's share) and measure them.
+             batch_size: int, seed: int, ref_scores=None, verifier=None):
+    """Decode held-out `rows` (this process's share; temperature 0: greedy) and measure the responses.
 
-    temperature 0 decodes greedily. KL is the mean over prompts of the summed log-ratio
-    log pi(y|x) - log ref(y|x) of the evaluated responses (log-probs at `temperature`, or 1 when
-    greedy); an unbiased estimate of KL(pi || ref) when sampling. `ref_scores` (B,) are the
-    reference policy's scores on the same prompts (from the evaluation before training), for the
-    win rate. `verifier` (the task's, when it has one) gives the accuracy: the gold score, apart from
-    the reward `score_fn` gives, so a run on a learned reward model shows whether the gold score
-    follows the learned one. Sampling uses its own seed, so evaluation leaves the training RNG untouched.
-    Returns metrics (sums and counts, to be reduced over processes), scores (B,) and samples.
+    `ref_scores` (B,) are the reference policy's scores on the same prompts (from the evaluation
+    before training), for the win rate. `verifier` (the task's, when it has one) gives the accuracy:
+    the gold score, apart from the reward `score_fn` gives, so a run on a learned reward model shows
+    whether the gold score follows the learned one. Sampling uses its own seed, so evaluation leaves
+    the training RNG untouched. Returns sums over prompts (to be reduced over processes), the number
+    of prompts, the scores (B,) and the samples.
     """
-    sums = {"reward": 0.0, "accuracy": 0.0, "kl": 0.0, "win_rate": 0.0, "response_length": 0.0, "eos_rate": 0.0}
+    sums = {"reward": 0.0, "accuracy": 0.0, "win_rate": 0.0, "response_length": 0.0, "eos_rate": 0.0}
     all_scores, samples = [], []
     with torch.random.fork_rng(devices=[query_ids.device] if query_ids.is_cuda else []):
         torch.manual_seed(seed)
@@ -34,13 +34,6 @@ def evaluate(model, tokenizer, rows, query_ids, query_mask, *, score_fn, respons
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
             scores = score_fn(batch, texts)  # (b,)
             all_scores.append(scores)
-            if ref_model is not None:
-                query_responses = torch.cat([q, responses], dim=1)
-                attention = torch.cat([qm, mask.long()], dim=1)
-                lp = batched_logprobs(model, query_responses, attention, response_length, temperature, batch_size)
-                ref_lp = batched_logprobs(ref_model, query_responses, attention, response_length, temperature,
-                                          batch_size)
-                sums["kl"] += ((lp - ref_lp) * mask).sum().item()
             sums["reward"] += scores.sum().item()
             if verifier is not None:
                 sums["accuracy"] += (score_with_verifier(verifier, batch, texts) > 0.5).float().sum().item()
@@ -51,10 +44,52 @@ def evaluate(model, tokenizer, rows, query_ids, query_mask, *, score_fn, respons
                 sums["win_rate"] += ((scores > ref).float() + 0.5 * (scores == ref).float()).sum().item()
             for row, text, s in zip(batch, texts, scores.tolist()):
                 samples.append({"id": row.get("id"), "prompt": row["prompt"], "response": text, "score": s})
-    drop = [k for k, on in (("kl", ref_model is not None), ("win_rate", ref_scores is not None),
-                            ("accuracy", verifier is not None)) if not on]
+    drop = [k for k, on in (("win_rate", ref_scores is not None), ("accuracy", verifier is not None)) if not on]
     sums = {k: v for k, v in sums.items() if k not in drop}
     return sums, len(rows), torch.cat(all_scores) if all_scores else torch.zeros(0), samples
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimate of pass@k from n samples of which c are correct: 1 - C(n - c, k) / C(n, k) (Chen et al.
+    2021); k <= n."""
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+@torch.no_grad()
+def evaluate_samples(model, ref_model, tokenizer, rows, query_ids, query_mask, *, score_fn, verifier,
+                     num_samples: int, response_length: int, temperature: float, batch_size: int, seed: int):
+    """`num_samples` responses per held-out prompt sampled at the training `temperature` (this process's share).
+
+    Measures, per prompt: the mean reward of the samples; with a verifier, pass@k for k = 1, 2, 4, ...
+    up to `num_samples` (the unbiased estimator over the n samples); with a reference model, the KL:
+    sum over each response's tokens of KL(pi(.|x, y<t) || ref(.|x, y<t)) at `temperature`, averaged over
+    the samples, an unbiased and never negative estimate of KL(pi || ref) over whole responses.
+    Returns sums over prompts and the number of prompts.
+    """
+    ks = [k for k in (2 ** j for j in range(num_samples.bit_length())) if k <= num_samples]
+    sums = {"sample_reward": 0.0, **({f"pass@{k}": 0.0 for k in ks} if verifier is not None else {}),
+            **({"kl": 0.0} if ref_model is not None else {})}
+    prompts_per_batch = max(1, batch_size // num_samples)
+    with torch.random.fork_rng(devices=[query_ids.device] if query_ids.is_cuda else []):
+        torch.manual_seed(seed + 1)
+        for i in range(0, len(rows), prompts_per_batch):
+            batch = [row for row in rows[i:i + prompts_per_batch] for _ in range(num_samples)]
+            q = query_ids[i:i + prompts_per_batch].repeat_interleave(num_samples, dim=0)
+            qm = query_mask[i:i + prompts_per_batch].repeat_interleave(num_samples, dim=0)
+            responses = generate(model, q, qm, response_length, temperature, tokenizer.pad_token_id,
+                                 tokenizer.eos_token_id)
+            responses, mask, _, _ = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+            sums["sample_reward"] += score_fn(batch, texts).sum().item() / num_samples
+            if verifier is not None:
+                correct = (score_with_verifier(verifier, batch, texts) > 0.5).view(-1, num_samples).sum(1)  # (b,)
+                for k in ks:
+                    sums[f"pass@{k}"] += sum(pass_at_k(num_samples, int(c), k) for c in correct)
+            if ref_model is not None:
+                query_responses, attention = torch.cat([q, responses], dim=1), torch.cat([qm, mask.long()], dim=1)
+                sums["kl"] += sequence_kl(model, ref_model, query_responses, attention, response_length, temperature,
+                                          batch_size).sum().item() / num_samples
+    return sums, len(rows)
 
 
 @torch.no_grad()

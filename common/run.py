@@ -8,6 +8,7 @@ stays in the file.
 import contextlib
 import hashlib
 import json
+import math
 import os
 import random
 import resource
@@ -21,13 +22,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast, gather_object
 from tqdm.auto import tqdm
-from transformers import AutoConfig
 
-from common.checkpoints import load_checkpoint, save_checkpoint
+from common.checkpoints import (checkpoint_iteration, latest_checkpoint, link_latest, load_checkpoint, save_checkpoint,
+                                start_run_dir)
 from common.config import BaseArgs, derive_batch_sizes
-from common.evaluation import evaluate, sample_scores
+from common.evaluation import evaluate, evaluate_samples, sample_scores
 from common.generation import batched_logprobs, generate, truncate_after_eos
-from common.models import default_dtype, load_causal_lm, load_reward_model, load_tokenizer, resolve_model, save_model
+from common.errors import NonFiniteError, UserError
+from common.models import check_model, default_dtype, load_causal_lm, load_reward_model, load_tokenizer, save_model
 from common.rewards import VERIFIERS, score
 from common.tasks import VERIFIABLE, encode_prompts, load_task
 from common.tracking import init_wandb, log_metrics, report
@@ -91,40 +93,83 @@ def param_checksum(model) -> float:
     return float(sum(p.detach().double().sum().item() for p in model.parameters()))
 
 
-def setup_run(args: BaseArgs, samples_per_prompt: int, group_size: int = 1, reference: bool = False):
-    """Accelerator, batch sizes, seeds, run folder, every check on the input, tokenizer, rows, scoring, tracking;
-    then the policy (fp32, to train) and, when the method asks for one, a frozen copy of it as the reference.
+def open_run_dir(args: BaseArgs, accelerator) -> str:
+    """The run's folder: new, or the resumed checkpoint's own with its logs cut back to the checkpoint.
 
-    Everything that can refuse the input does so before any model is loaded. Returns (run, policy, ref_model),
-    ref_model None unless `reference`.
+    `--resume_from latest` is resolved to the newest complete checkpoint of this --exp_name and --seed
+    in --output_dir (a new run starts when there is none), and `args.resume_from` set to it.
+    """
+    if args.resume_from == "latest":
+        args.resume_from = latest_checkpoint(args.output_dir, args.exp_name, args.seed)
+        accelerator.print(f"[{args.exp_name}] --resume_from latest: "
+                          f"{args.resume_from or 'no checkpoint of this run yet, starting a new run'}")
+    if args.resume_from is None:
+        return start_run_dir(accelerator, args.output_dir, args.exp_name, args.seed)
+    iteration = checkpoint_iteration(args.resume_from)
+    if iteration is None:
+        raise UserError(f"--resume_from {args.resume_from}: not a complete checkpoint; pass a checkpoints/iter_N "
+                        "folder written by --save_every, or `latest`")
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.resume_from)))
+    if accelerator.is_main_process:  # lines of iterations after the checkpoint are written again
+        for name in ("metrics.jsonl", "eval_samples.jsonl"):
+            keep_lines_up_to(os.path.join(run_dir, name), iteration)
+        link_latest(run_dir)
+    accelerator.wait_for_everyone()
+    accelerator.print(f"[{args.exp_name}] resuming {run_dir} after iteration {iteration}")
+    return run_dir
+
+
+def keep_lines_up_to(path: str, step: int) -> None:
+    """Drop the lines of a JSONL log whose "step" is past `step` (atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(f"{path}.tmp", path)
+
+
+def setup_run(args: BaseArgs, samples_per_prompt: int, group_size: int = 1, reference: bool = False,
+              same_vocabulary: tuple = ()):
+    """Accelerator, batch sizes, seeds, every check on the input, tokenizer, rows, the run folder, scoring,
+    tracking; then the policy (fp32, to train) and, when the method asks for one, a frozen copy as the reference.
+
+    Everything that can refuse the input does so before any model is loaded: flags, data files, the
+    models named (`same_vocabulary`: other models that read the policy's token ids), context length.
+    The run folder is new ({exp_name}__{seed}__{time}), or with --resume_from the checkpoint's own,
+    its logs cut back to the checkpoint. Returns (run, policy, ref_model), ref_model None unless `reference`.
     """
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True lets torchrun/accelerate use gloo on CPU
     derive_batch_sizes(args, accelerator.num_processes, samples_per_prompt, group_size)
     seed_everything(args.seed + accelerator.process_index * 100003)
     device = accelerator.device
-    run_dir = os.path.join(args.output_dir, f"{args.exp_name}__{args.seed}")
-    if accelerator.is_main_process:
-        os.makedirs(run_dir, exist_ok=True)
-        if args.resume_from is None:
-            for name in ("metrics.jsonl", "eval_samples.jsonl"):
-                open(os.path.join(run_dir, name), "w").close()
 
     if args.reward_model is None and args.task not in VERIFIABLE:
-        raise ValueError(f"task {args.task} has no verifier: pass --reward_model (a sequence-classification model)")
+        raise UserError(f"task {args.task} has no verifier: pass --reward_model (a sequence-classification model)")
+    config = check_model(args.model_name, "--model_name", args.trust_remote_code)
+    context = args.max_prompt_length + args.response_length
+    if context > getattr(config, "max_position_embeddings", context):
+        raise UserError(f"--max_prompt_length + --response_length = {context} exceeds the model's context "
+                        f"({config.max_position_embeddings} tokens); lower one of them")
+    if args.reward_model is not None:
+        check_model(args.reward_model, "--reward_model", args.trust_remote_code, score_head=True)
     tokenizer = load_tokenizer(args.model_name, args.trust_remote_code)
+    for name in same_vocabulary:
+        check_model(name, "the value model", args.trust_remote_code)
+        other = load_tokenizer(name, args.trust_remote_code).get_vocab()
+        if any(other.get(token) != i for token, i in tokenizer.get_vocab().items()):
+            raise UserError(f"{name} reads another vocabulary than the policy {args.model_name}; pass a model "
+                            "that shares the policy's tokenizer")
     train_rows = load_task(args.task, "train", args.data_files, args.num_train_prompts, args.seed)
     eval_rows = load_task(args.task, "test", args.eval_data_files, args.num_eval_prompts)
     if len(train_rows) < args.prompts_per_iteration:
-        raise ValueError(f"{len(train_rows)} training prompts, fewer than --prompts_per_iteration "
-                         f"{args.prompts_per_iteration}")
+        raise UserError(f"{len(train_rows)} training prompts, fewer than --prompts_per_iteration "
+                        f"{args.prompts_per_iteration}")
     train_ids, train_mask = encode_prompts(tokenizer, train_rows, args.max_prompt_length, f"task {args.task} train")
     eval_ids, eval_mask = encode_prompts(tokenizer, eval_rows, args.max_prompt_length, f"task {args.task} test")
     mine = slice(accelerator.process_index, None, args.world_size)
-    config = AutoConfig.from_pretrained(resolve_model(args.model_name), trust_remote_code=args.trust_remote_code)
-    context = args.max_prompt_length + args.response_length
-    if context > getattr(config, "max_position_embeddings", context):
-        raise ValueError(f"--max_prompt_length + --response_length = {context} exceeds the model's context "
-                         f"({config.max_position_embeddings} tokens); lower one of them")
+    run_dir = open_run_dir(args, accelerator)
 
     reward_model = reward_tokenizer = None
     if args.reward_model is not None:
@@ -137,7 +182,7 @@ def setup_run(args: BaseArgs, samples_per_prompt: int, group_size: int = 1, refe
         return score(rows, texts, verifier, reward_model, reward_tokenizer, args.eval_batch_size)
 
     wandb_run = init_wandb(args.track and accelerator.is_main_process, args.wandb_project,
-                           f"{args.exp_name}__{args.seed}", asdict(args), run_dir)
+                           os.path.basename(run_dir), asdict(args), run_dir)
     run = Run(args=args, accelerator=accelerator, tokenizer=tokenizer, train_rows=train_rows, train_ids=train_ids,
               train_mask=train_mask, eval_rows=eval_rows[mine], eval_ids=eval_ids[mine].to(device),
               eval_mask=eval_mask[mine].to(device), score=score_texts, verifier=verifier, run_dir=run_dir,
@@ -156,18 +201,26 @@ def load_frozen_policy(run: Run):
 def evaluate_policy(run: Run, model, ref_model=None, with_kl: bool = True):
     """Evaluate `model` on every process's share of the held-out prompts; reduce the metrics, gather the samples.
 
-    The KL to the reference uses `ref_model`, or a frozen copy loaded for it when None. Returns
-    (metrics, this process's scores (M,), all samples).
+    The decoded responses (--eval_temperature) give reward, accuracy, win rate, length and EOS rate;
+    --eval_samples responses per prompt sampled at --temperature give pass@k, their mean reward and the
+    KL to the reference (`ref_model`, or a frozen copy loaded for it when None). Returns (metrics,
+    this process's scores (M,), all samples).
     """
     args, accelerator = run.args, run.accelerator
-    if with_kl and ref_model is None:
+    if with_kl and args.eval_samples and ref_model is None:
         ref_model = load_frozen_policy(run)
+    model = accelerator.unwrap_model(model)
     with accelerator.autocast():
         sums, count, scores, samples = evaluate(
-            accelerator.unwrap_model(model), run.tokenizer, run.eval_rows, run.eval_ids, run.eval_mask,
-            score_fn=run.score, response_length=args.response_length, temperature=args.eval_temperature,
-            batch_size=args.eval_batch_size, seed=args.seed, ref_model=ref_model if with_kl else None,
-            ref_scores=run.ref_scores, verifier=run.verifier)
+            model, run.tokenizer, run.eval_rows, run.eval_ids, run.eval_mask, score_fn=run.score,
+            response_length=args.response_length, temperature=args.eval_temperature, batch_size=args.eval_batch_size,
+            seed=args.seed, ref_scores=run.ref_scores, verifier=run.verifier)
+        if args.eval_samples:
+            sums.update(evaluate_samples(
+                model, ref_model if with_kl else None, run.tokenizer, run.eval_rows, run.eval_ids, run.eval_mask,
+                score_fn=run.score, verifier=run.verifier, num_samples=args.eval_samples,
+                response_length=args.response_length, temperature=args.temperature,
+                batch_size=args.eval_batch_size, seed=args.seed)[0])
     keys = sorted(sums)
     totals = accelerator.reduce(torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64, device=run.device),
                                 "sum")
@@ -186,12 +239,14 @@ def start_training(run: Run, policy, extra_metrics: Optional[dict] = None) -> in
     the policy before training, that every later evaluation is compared with. Returns the first iteration - 1.
 
     The reference's scores give the win rate, its metrics the summary at the end. When resuming, a
-    fresh copy of the starting model is evaluated (nothing is logged: the first run did).
-    `extra_metrics` are logged with it (A*-PO's stage-1 seconds).
+    fresh fp32 copy of the starting model is evaluated, so the numbers are the first run's (nothing is
+    logged again). `extra_metrics` are logged with it (A*-PO's stage-1 seconds).
     """
-    start_iteration = load_checkpoint(run.accelerator, run.args.resume_from) if run.args.resume_from else 0
+    args = run.args
+    start_iteration = load_checkpoint(run.accelerator, args.resume_from) if args.resume_from else 0
     run.iteration = start_iteration
-    model = policy if start_iteration == 0 else load_frozen_policy(run)
+    model = policy if start_iteration == 0 else load_causal_lm(args.model_name, run.device, torch.float32,
+                                                               args.trust_remote_code)
     run.ref_metrics, run.ref_scores, samples = evaluate_policy(run, model, with_kl=False)
     run.ref_metrics.update({"eval/kl": 0.0, "eval/win_rate": 0.5, **(extra_metrics or {})})  # vs itself
     if start_iteration == 0:
@@ -253,7 +308,7 @@ def keep_training_prompts(run: Run, keep) -> torch.Tensor:
     run.train_ids, run.train_mask = run.train_ids[kept], run.train_mask[kept]
     run.accelerator.print(f"[{run.args.exp_name}] training on {len(kept)} of {len(keep)} prompts")
     if len(kept) < run.args.prompts_per_iteration:
-        raise ValueError(f"{len(kept)} training prompts left after filtering, fewer than --prompts_per_iteration "
+        raise UserError(f"{len(kept)} training prompts left after filtering, fewer than --prompts_per_iteration "
                          f"{run.args.prompts_per_iteration}")
     return kept
 
@@ -347,6 +402,9 @@ def end_iteration(run: Run, stats: dict, *, scores, lengths, has_eos, episode: i
         "perf/seconds_per_iter": seconds, "perf/generate_seconds": run.generate_seconds,
         "perf/tokens_per_second": counts[1].item() / seconds, "perf/peak_memory_gb": peak_memory_gb(device),
     })
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if bad:
+        raise NonFiniteError(f"{bad[0]} is {metrics[bad[0]]}")
     if args.eval_every and iteration % args.eval_every == 0 and iteration != args.num_iterations:
         eval_metrics, _, samples = evaluate_policy(run, policy, ref_model)
         metrics.update(eval_metrics)
@@ -368,13 +426,22 @@ def end_iteration(run: Run, stats: dict, *, scores, lengths, has_eos, episode: i
 def save_on_failure(run: Run, policy):
     """On an exception (or Ctrl-C) inside the block, save `policy` to {run_dir}/model_interrupted, then re-raise.
 
-    Single-process runs only: several processes cannot agree on a save after one of them failed.
+    A UserError (a reward that raised or was NaN, a loss that was not finite: every process meets it
+    at the same point) is saved by the main process and ends the run with one line naming the
+    iteration; any other exception is saved by single-process runs only (several processes cannot
+    agree on a save after one of them failed) and keeps its traceback.
     """
+    out = os.path.join(run.run_dir, "model_interrupted")
     try:
         yield
+    except UserError as e:
+        if run.accelerator.is_main_process:
+            save_model(run.accelerator.unwrap_model(policy), run.tokenizer, out)
+        if run.wandb_run is not None:
+            run.wandb_run.finish(exit_code=2)
+        raise UserError(f"iteration {run.iteration}: {e}. The policy's last good weights are in {out}") from e
     except BaseException:
         if run.accelerator.num_processes == 1:
-            out = os.path.join(run.run_dir, "model_interrupted")
             save_model(run.accelerator.unwrap_model(policy), run.tokenizer, out)
             print(f"[{run.args.exp_name}] stopped early: the current policy is saved in {out}")
         raise

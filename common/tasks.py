@@ -18,6 +18,8 @@ import json
 import os
 import random
 
+from common.errors import UserError
+
 HUB = {  # task -> (dataset id, config or data_dir, {our split: hub split})
     "gsm8k": ("openai/gsm8k", "main", {"train": "train", "test": "test"}),
     "tldr": ("trl-lib/tldr", None, {"train": "train", "test": "validation"}),
@@ -32,7 +34,7 @@ VERIFIABLE = ("arith", "gsm8k")
 GSM8K_INSTRUCTION = "Solve the problem step by step, then write the final number after '####'."
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data file or row the task cannot use; the message names the file, the row and the fix."""
 
 

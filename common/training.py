@@ -3,6 +3,8 @@ import contextlib
 
 import torch
 
+from common.errors import NonFiniteError, UserError
+
 
 def masked_mean(x, mask) -> float:
     """Mean of `x` over the entries where `mask` is true, as a Python float for logging: (B, T), (B, T) -> float."""
@@ -25,7 +27,7 @@ def linear_schedule(kind: str, total_steps: int):
         return lambda step: 1.0
     if kind == "linear":
         return lambda step: max(0.0, 1.0 - step / max(1, total_steps))
-    raise ValueError(f"unknown lr schedule {kind!r}; use linear or constant")
+    raise UserError(f"unknown lr schedule {kind!r}; use linear or constant")
 
 
 def minibatches(args, device, group_size: int = 1):
@@ -52,8 +54,15 @@ def micro_batches(accelerator, model, mini, micro_batch_size: int):
 
 
 def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float) -> None:
-    """Clip the accumulated gradients, step the optimizer and the schedule, clear the gradients."""
-    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    """Clip the accumulated gradients, step the optimizer and the schedule, clear the gradients.
+
+    A gradient norm that is not finite (a NaN or infinite loss) stops the run before the step, so the
+    weights stay the last good ones.
+    """
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if not torch.isfinite(norm):
+        optimizer.zero_grad()
+        raise NonFiniteError(f"the gradient norm is {norm.item()} (a loss that is not finite); no update was made")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad()

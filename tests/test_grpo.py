@@ -91,18 +91,20 @@ def test_resume_gives_the_same_weights(tiny_model_dir, tiny_reward_dir, tmp_path
     # a reward model gives the random tiny policy graded rewards, so the weights do move
     common = [sys.executable, "grpo.py", "--model_name", tiny_model_dir, "--reward_model", tiny_reward_dir, *TINY,
               "--num_iterations", "4", "--lr_schedule", "linear", "--num_minibatches", "2", "--micro_batch_size", "2"]
-    run_script(common + ["--output_dir", str(tmp_path / "full"), "--save_every", "2"])
-    ckpt = tmp_path / "full" / "grpo__1" / "checkpoints" / "iter_2"
+    for name in ("full", "resumed"):
+        run_script(common + ["--output_dir", str(tmp_path / name), "--save_every", "2"])
+    full = _weights(tmp_path / "full" / "grpo__1" / "model")
+    ckpt = tmp_path / "resumed" / "grpo__1" / "checkpoints" / "iter_2"
     assert json.loads((ckpt / "iteration.json").read_text()) == {"iteration": 2}
+    # the resumed run continues in the checkpoint's run folder: its logs are cut back to iteration 2
     run_script(common + ["--output_dir", str(tmp_path / "resumed"), "--resume_from", str(ckpt)])
-    full, resumed = (_weights(tmp_path / "full" / "grpo__1" / "model"),
-                     _weights(tmp_path / "resumed" / "grpo__1" / "model"))
+    resumed = _weights(tmp_path / "resumed" / "grpo__1" / "model")
     init = _weights(tiny_model_dir)
     assert any(not torch.equal(full[k], init[k]) for k in full)  # training changed the weights
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
     assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "grpo__1" / "metrics.jsonl")
-            if "loss/policy" in r] == [3, 4]
+            if "loss/policy" in r] == [1, 2, 3, 4]
 
 
 def test_two_processes_end_with_identical_weights(tiny_model_dir, tmp_path):
@@ -111,27 +113,3 @@ def test_two_processes_end_with_identical_weights(tiny_model_dir, tmp_path):
     final = read_jsonl(tmp_path / "grpo__1" / "metrics.jsonl")[-1]
     assert final["dist/param_checksum_spread"] == 0.0
     assert len(read_jsonl(tmp_path / "grpo__1" / "eval_samples.jsonl")) == 16  # both halves of the eval gathered
-
-
-@pytest.mark.parametrize("extra,message", [
-    (["--prompts_per_iteration", "3"], "not divisible by"),  # 3 prompts x 2 samples over micro-batches of 4
-    (["--grpo.num_generations", "1"], "num_generations must be >= 2"),
-    (["--max_prompt_length", "8"], "longer than --max_prompt_length"),
-    (["--task", "gsm8k", "--data_files", "MISSING_COLUMN"], "missing column"),
-    (["--task", "hh", "--data_files", "HH_FILE"], "pass --reward_model"),
-])
-def test_bad_input_fails_early_and_clearly(tiny_model_dir, tmp_path, extra, message):
-    import subprocess
-
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"question": "q", "solution": "#### 1"}) + "\n")
-    hh = tmp_path / "hh.jsonl"
-    hh.write_text(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: yes",
-                              "rejected": "\n\nHuman: hi\n\nAssistant: no"}) + "\n")
-    extra = [str(bad) if x == "MISSING_COLUMN" else str(hh) if x == "HH_FILE" else x for x in extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "grpo.py", "--model_name", tiny_model_dir, "--output_dir", str(tmp_path),
-                           *TINY, *extra], capture_output=True, text=True, env=env, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
-    assert not (tmp_path / "grpo__1" / "model").exists()

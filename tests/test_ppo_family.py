@@ -164,10 +164,11 @@ def runs(tiny_model_dir, tiny_reward_dir, tmp_path_factory):
         script("ppo_pp.py", "--output_dir", str(out / "ppo_pp0"), "--exp_name", "ppo", "--ppo.reset_prob", "0"),
         script("drpo.py", "--output_dir", str(out / "drpo0"), "--exp_name", "ppo", "--ppo.reset_prob", "0"),
         script("ppo_pp.py", "--output_dir", str(out / "ppo_pp"), "--save_every", "1", *pp_reset),
+        script("ppo_pp.py", "--output_dir", str(out / "ppo_pp_resumed"), "--save_every", "1", *pp_reset),
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29527",
          *script("drpo.py", "--output_dir", str(out / "drpo2"), "--num_minibatches", "1")[1:]],
     ])
-    ckpt = out / "ppo_pp" / "ppo_pp__1" / "checkpoints" / "iter_1"
+    ckpt = out / "ppo_pp_resumed" / "ppo_pp__1" / "checkpoints" / "iter_1"  # continued in its own run folder
     run_together([script("ppo_pp.py", "--output_dir", str(out / "ppo_pp_resumed"), "--resume_from", str(ckpt),
                          *pp_reset)])
     return {name: out / name / f"{exp}__1"
@@ -226,7 +227,7 @@ def test_resume_with_resets_gives_the_same_weights(runs):
     full, resumed = _weights(runs["ppo_pp"]), _weights(runs["ppo_pp_resumed"])
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
-    assert [r["step"] for r in read_jsonl(runs["ppo_pp_resumed"] / "metrics.jsonl") if "loss/policy" in r] == [2]
+    assert [r["step"] for r in read_jsonl(runs["ppo_pp_resumed"] / "metrics.jsonl") if "loss/policy" in r] == [1, 2]
 
 
 @pytest.mark.parametrize("a,b,limit", [("ppo.py", "ppo_pp.py", 60), ("ppo.py", "drpo.py", 60),

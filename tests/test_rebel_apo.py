@@ -9,6 +9,7 @@ import torch
 from conftest import read_jsonl, run_script
 
 from apo import APOHParams, apo_loss, optimal_value
+from common.config import check_ranges
 from rebel import rebel_loss
 
 TINY_RUN = ["--num_iterations", "2", "--num_eval_prompts", "8", "--eval_batch_size", "8", "--response_length", "8",
@@ -71,8 +72,8 @@ def test_optimal_value_beta1_zero_is_the_mean_and_the_limits():
     assert torch.allclose(optimal_value(rewards, 0.0), torch.tensor([0.5, 1.0]))  # beta1 = 0 exactly: the mean
     assert torch.allclose(optimal_value(rewards, 1e4), torch.tensor([0.5, 1.0]), atol=1e-3)  # beta1 -> inf: the mean
     assert torch.allclose(optimal_value(rewards, 1e-3), torch.tensor([1.0, 2.0]), atol=2e-3)  # beta1 -> 0+: the max
-    with pytest.raises(ValueError, match="beta1 must be >= 0"):  # refused when the flags are parsed
-        APOHParams(beta1=-0.5)
+    with pytest.raises(ValueError, match="apo.beta1 must be >= 0"):  # refused when the flags are parsed
+        check_ranges(APOHParams(beta1=-0.5), "apo.")
 
 
 def test_optimal_value_is_stable_for_large_rewards_and_small_beta1():

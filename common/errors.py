@@ -1,0 +1,26 @@
+"""Errors a user can fix, and how they end a run: one line on stderr and exit status 2, no traceback."""
+import os
+import sys
+
+
+class UserError(ValueError):
+    """A flag, file, model, row or reward the run cannot use; the message says which and what to do."""
+
+
+class NonFiniteError(UserError):
+    """A loss, gradient or logged quantity became NaN or infinite; the message names it."""
+
+
+def exit_cleanly_on_user_errors() -> None:
+    """Make an uncaught UserError print `<script>: error: <message>` on stderr and exit with status 2.
+
+    Any other exception keeps its traceback. Called once by each script before it does any work.
+    """
+    def hook(kind, value, tb):
+        if not issubclass(kind, UserError):
+            return sys.__excepthook__(kind, value, tb)
+        sys.stdout.flush()
+        print(f"{os.path.basename(sys.argv[0])}: error: {value}", file=sys.stderr, flush=True)
+        os._exit(2)  # an excepthook cannot choose the exit status otherwise
+
+    sys.excepthook = hook
