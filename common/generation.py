@@ -1,31 +1,80 @@
-"""Batched sampling to a fixed length, truncation after the first EOS, and per-token log-probs."""
+"""Batched sampling to a fixed length, truncation after the first EOS, and per-token log-probs.
+
+One sampler serves every algorithm, the reset roll-ins and the evaluation: pure sampling from
+softmax(logits / temperature), with the KV cache of each distinct prompt computed once and finished
+rows leaving the batch. The log-prob passes share a group's prompt the same way.
+"""
 import torch
-import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
-from transformers import GenerationConfig
+from transformers import DynamicCache
+
+
+def shared_prompts(query_ids, query_mask):
+    """Rows that repeat the row before them (a group's copies of one prompt): (B, P) -> the index of each row's
+    first copy among the distinct prompts (B,), and the distinct prompts' rows (U,)."""
+    repeat = (query_ids[1:] == query_ids[:-1]).all(1) & (query_mask[1:] == query_mask[:-1]).all(1)  # (B-1,)
+    new = torch.cat([repeat.new_ones(1), ~repeat])  # (B,) True where a new prompt starts
+    return torch.cumsum(new, 0) - 1, new.nonzero().squeeze(1)
+
+
+def prefill(model, query_ids, query_mask):
+    """One forward pass over the distinct prompts only (a group's copies share it), expanded back to every row.
+
+    Returns the logits that predict each row's first response token (B, V) and a KV cache of all B rows.
+    """
+    copy_of, distinct = shared_prompts(query_ids, query_mask)
+    cache = DynamicCache()
+    logits = model(input_ids=query_ids[distinct], attention_mask=query_mask[distinct], use_cache=True,
+                   position_ids=position_ids_from_mask(query_mask[distinct]), past_key_values=cache,
+                   logits_to_keep=1).logits[:, -1]  # (U, V)
+    if len(distinct) < len(copy_of):
+        cache.batch_select_indices(copy_of)
+    return logits[copy_of], cache
 
 
 @torch.no_grad()
 def generate(model, query_ids, query_mask, response_length: int, temperature: float, pad_token_id: int,
-             eos_token_id: int):
-    """Sample up to `response_length` tokens per row: (B, P) queries -> (B, response_length) responses.
+             eos_token_id: int, return_logprobs: bool = False):
+    """Sample up to `response_length` tokens per row: (B, P) left-padded queries -> (B, response_length) responses.
 
-    temperature 0 means greedy. Pure sampling otherwise (no top-k/top-p), so the sampled
-    distribution is softmax(logits / temperature), the one `logprobs_from_logits` scores.
-    Rows that stop early are padded with `pad_token_id`; `truncate_after_eos` masks them. A model
-    wrapped for distributed training is unwrapped (generation needs no gradient synchronisation).
+    temperature 0 means greedy. Pure sampling otherwise (no top-k/top-p): each token is drawn from
+    softmax(logits / temperature) in fp32, the distribution `logprobs_from_logits` scores. The
+    prompts are run once per distinct prompt (a group's copies share the pass), and a row leaves the
+    batch when it samples EOS, so finished rows cost nothing; rows that stop early are padded with
+    `pad_token_id`. A model wrapped for distributed training is unwrapped (no gradient sync needed).
+    `return_logprobs` also returns the sampled tokens' log-probs under that distribution (B, T), 0 after EOS.
     """
-    # every field that reshapes the distribution is set explicitly: a field left None is filled
-    # from the model's own generation_config (Qwen's sets top_k, top_p and a repetition penalty)
-    sampling = dict(temperature=temperature, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0) if temperature > 0 else {}
-    config = GenerationConfig(
-        max_new_tokens=response_length, min_new_tokens=0, do_sample=temperature > 0, repetition_penalty=1.0,
-        no_repeat_ngram_size=0, pad_token_id=pad_token_id, eos_token_id=eos_token_id, use_cache=True, **sampling,
-    )
-    out = extract_model_from_parallel(model).generate(input_ids=query_ids, attention_mask=query_mask,
-                                                      generation_config=config)
-    responses = out[:, query_ids.shape[1]:]  # (B, <= response_length)
-    return F.pad(responses, (0, response_length - responses.shape[1]), value=pad_token_id)  # (B, T)
+    model = extract_model_from_parallel(model)
+    training = model.training
+    model.eval()  # the KV cache (a model training with gradient checkpointing would switch it off)
+    responses = torch.full((query_ids.shape[0], response_length), pad_token_id, dtype=torch.long,
+                           device=query_ids.device)  # (B, T)
+    logprobs = torch.zeros(responses.shape, device=query_ids.device)  # (B, T)
+    logits, cache = prefill(model, query_ids, query_mask)  # (B, V)
+    rows = torch.arange(query_ids.shape[0], device=query_ids.device)  # (b,) the rows still sampling
+    attention_mask = query_mask
+    positions = attention_mask.long().sum(1)  # (b,) the position of each row's next token
+    for t in range(response_length):
+        logp = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)  # (b, V)
+        if temperature > 0:
+            tokens = torch.multinomial(logp.exp(), 1).squeeze(1)  # (b,)
+        else:
+            tokens = logp.argmax(dim=-1)  # (b,)
+        responses[rows, t] = tokens
+        logprobs[rows, t] = logp.gather(1, tokens[:, None]).squeeze(1)
+        running = tokens != eos_token_id  # (b,)
+        if t == response_length - 1 or not running.any():
+            break
+        if not running.all():  # drop the finished rows from the batch and the cache
+            keep = running.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, tokens, attention_mask, positions = rows[keep], tokens[keep], attention_mask[keep], positions[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+        logits = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=positions[:, None],
+                       past_key_values=cache, use_cache=True).logits[:, -1]  # (b, V)
+        positions = positions + 1
+    model.train(training)
+    return (responses, logprobs) if return_logprobs else responses
 
 
 def truncate_after_eos(responses, eos_token_id: int, pad_token_id: int):
@@ -67,20 +116,40 @@ def entropy_from_logits(logits, temperature: float = 1.0):
     return torch.stack(rows)  # (B, T)
 
 
+def _gradient_checkpointing(model) -> bool:
+    """Whether `model` (wrapped for DDP or LoRA, or not) recomputes activations in its backward pass."""
+    model = extract_model_from_parallel(model)
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(type(model), "is_activation_checkpointing"):  # the name in transformers >= 5.x
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
 def response_logits(model, query_responses, attention_mask, response_length: int):
     """Logits that predict the last `response_length` tokens: (B, P+T) -> (B, T, V).
 
-    Only those positions go through the LM head (`logits_to_keep`), which saves the
-    largest matrix product on the prompt tokens.
+    Only those positions go through the LM head (`logits_to_keep`), and the columns after every row's
+    last real token are not computed (their logits are 0). Where consecutive rows share their prompt
+    (a group's responses to one prompt), the prompt goes through the model once and its keys and
+    values serve every response of the group: the same logits and gradients, with the prompt's share
+    of the compute paid once per group instead of once per response.
     """
-    out = model(
-        input_ids=query_responses,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        logits_to_keep=response_length + 1,
-        use_cache=False,
-    )
-    return out.logits[:, :-1]  # (B, T, V)
+    P = query_responses.shape[1] - response_length
+    used = int(attention_mask[:, P:].any(0).nonzero().max()) + 1 if attention_mask[:, P:].any() else 1
+    if used < response_length:  # padding in every row: compute the real columns, pad the logits back
+        logits = response_logits(model, query_responses[:, :P + used], attention_mask[:, :P + used], used)
+        return torch.nn.functional.pad(logits, (0, 0, 0, response_length - used))  # (B, T, V)
+    queries, query_mask = query_responses[:, :P], attention_mask[:, :P]
+    checkpointing = model.training and _gradient_checkpointing(model)
+    if checkpointing or shared_prompts(queries, query_mask)[1].numel() == query_responses.shape[0]:  # no sharing
+        out = model(input_ids=query_responses, attention_mask=attention_mask, use_cache=False,
+                    position_ids=position_ids_from_mask(attention_mask), logits_to_keep=response_length + 1)
+        return out.logits[:, :-1]  # (B, T, V)
+    first, cache = prefill(model, queries, query_mask)  # (B, V): the logits of each response's first token
+    positions = query_mask.long().sum(1, keepdim=True) + torch.arange(response_length, device=queries.device)
+    out = model(input_ids=query_responses[:, P:], attention_mask=attention_mask, position_ids=positions,
+                past_key_values=cache, use_cache=True)
+    return torch.cat([first[:, None], out.logits[:, :-1]], dim=1)  # (B, T, V)
 
 
 def forward_logprobs(model, query_responses, attention_mask, response_length: int, temperature: float,
