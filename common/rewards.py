@@ -47,7 +47,26 @@ def verify_gsm8k(row, response: str) -> float:
     return float(answer == _clean(row["answer"]))
 
 
-VERIFIERS = {"arith": verify_arith, "gsm8k": verify_gsm8k}
+_ANSWER_LINE = re.compile(r"answer\s*:", re.IGNORECASE)
+_INTEGER = re.compile(r"-?\d+")
+
+
+def verify_chain(row, response: str) -> float:
+    """1.0 when the final answer equals the row's: the integer right after the last "Answer:" when the response
+    has one (a malformed answer after it scores 0), else the last integer of the response.
+
+    Only the final answer counts: a correct number earlier in the text does not.
+    """
+    marks = list(_ANSWER_LINE.finditer(response))
+    if marks:
+        found = re.match(r"\s*\$?\s*(-?\d+)\b(?![.,]\d)", response[marks[-1].end():])
+        return float(found is not None and found.group(1) == row["answer"])
+    numbers = _INTEGER.findall(response)
+    return float(bool(numbers) and numbers[-1] == row["answer"])
+
+
+VERIFIERS = {"arith": verify_arith, "gsm8k": verify_gsm8k,
+             **{task: verify_chain for task in ("chain2", "chain3", "chain4", "chain5")}}
 
 
 class RewardError(UserError):

@@ -30,7 +30,8 @@ PREFERENCE_HUB = {  # task -> preference pairs for a reward model, where they ar
     "tldr": ("trl-lib/tldr-preference", None, {"train": "train", "test": "validation"}),
 }
 PREFERENCE_COLUMNS = {"tldr": ("prompt", "chosen", "rejected")}
-VERIFIABLE = ("arith", "gsm8k")
+CHAIN_TASKS = ("chain2", "chain3", "chain4", "chain5")  # the number is the level: operations per question
+VERIFIABLE = ("arith", *CHAIN_TASKS, "gsm8k")
 GSM8K_INSTRUCTION = "Solve the problem step by step, then write the final number after '####'."
 
 
@@ -76,6 +77,72 @@ def arith_rows(split: str, num_rows: int, seed: int = 0):
             "rejected": f"{expression} = {wrong}",
         })
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded multi-step task: chained additions and subtractions, solved step by step
+# ---------------------------------------------------------------------------------------------
+CHAIN_INSTRUCTION = "Work it out one step at a time, then give the result as 'Answer: <number>'."
+
+
+def chain_questions(ops: int, count: int = 6000):
+    """`count` distinct questions of `ops` operations, as (expression, worked solution, answer), in a fixed order.
+
+    Operands are 2..30; a subtraction that would go below 0 becomes an addition, so every step's
+    result is a whole number from 0 to 180. The worked solution writes one step per sentence:
+    "17 + 25 = 42. 42 - 8 = 34. 34 + 13 = 47. Answer: 47".
+    """
+    rng, seen, out = random.Random(f"chain-{ops}"), set(), []
+    while len(out) < count:
+        value = rng.randint(2, 30)
+        expression, steps = str(value), []
+        for _ in range(ops):
+            operand = rng.randint(2, 30)
+            sign = "+" if rng.random() < 0.5 or value - operand < 0 else "-"
+            new = value + operand if sign == "+" else value - operand
+            expression += f" {sign} {operand}"
+            steps.append(f"{value} {sign} {operand} = {new}.")
+            value = new
+        if expression not in seen:
+            seen.add(expression)
+            out.append((expression, " ".join(steps) + f" Answer: {value}", value))
+    return out
+
+
+def chain_rows(task: str, split: str, num_rows: int | None, seed: int = 0):
+    """Rows of the chain task `task` ("chain3": 3 operations) from `split`, shuffled by `seed`.
+
+    Train and test are disjoint (a hash of the question decides). Each row has the worked solution as
+    its demonstration (`response`, the states DR-PO resets to, SFT's target) and a preference pair:
+    the solution (chosen) and the same solution with one step miscalculated and carried through (rejected).
+    """
+    ops = int(task.removeprefix("chain"))
+    questions = [q for q in chain_questions(ops) if _is_test_prompt(q[0]) == (split == "test")]
+    num_rows = num_rows or (len(questions) if split == "train" else 300)
+    if num_rows > len(questions):
+        raise DataError(f"the {task} task has only {len(questions)} distinct {split} questions; ask for fewer")
+    rng = random.Random(f"{task}-{split}-{seed}")
+    rng.shuffle(questions)
+    rows = []
+    for expression, solution, answer in questions[:num_rows]:
+        rows.append({"id": f"{task}-{split}:{len(rows)}", "prompt": f"What is {expression}? {CHAIN_INSTRUCTION}",
+                     "answer": str(answer), "response": solution, "chosen": solution,
+                     "rejected": _miscalculated(expression, rng)})
+    return rows
+
+
+def _miscalculated(expression: str, rng: random.Random) -> str:
+    """The worked solution of `expression` with one step off by 1, 2 or 10, carried through to a wrong answer."""
+    tokens = expression.split()
+    value, wrong_step, steps = int(tokens[0]), rng.randrange((len(tokens) - 1) // 2), []
+    for k in range(0, len(tokens) - 1, 2):
+        sign, operand = tokens[k + 1], int(tokens[k + 2])
+        new = value + operand if sign == "+" else value - operand
+        if k // 2 == wrong_step:
+            new += rng.choice([-10, -2, -1, 1, 2, 10])
+        steps.append(f"{value} {sign} {operand} = {new}.")
+        value = new
+    return " ".join(steps) + f" Answer: {value}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,8 +260,10 @@ def load_task(task: str, split: str, data_files: str | None = None, num_rows: in
     """Rows of `task` for `split` ("train" or "test"): the embedded task, local files, or the hub."""
     if task == "arith":
         return arith_rows(split, num_rows or (876 if split == "train" else 275), seed)
+    if task in CHAIN_TASKS:
+        return chain_rows(task, split, num_rows, seed)
     if task not in HUB:
-        raise DataError(f"unknown task {task!r}; choose one of arith, {', '.join(HUB)}")
+        raise DataError(f"unknown task {task!r}; choose one of arith, {', '.join(CHAIN_TASKS)}, {', '.join(HUB)}")
     if data_files:
         rows = []
         for path in data_files.split(","):
@@ -215,7 +284,7 @@ def load_preference_task(task: str, split: str, data_files: str | None = None, n
     (`prompt`, `chosen`, `rejected`; responses stripped, as `load_task` strips tldr's completions).
     gsm8k has no pairs in its dataset: build them from policy samples (reward.py --pairs policy).
     """
-    if task in ("arith", "hh"):
+    if task in ("arith", "hh", *CHAIN_TASKS):
         return load_task(task, split, data_files, num_rows, seed)
     if task not in PREFERENCE_HUB:
         raise DataError(f"task {task!r} has no chosen/rejected pairs in its dataset; "
