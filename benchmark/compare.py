@@ -1,24 +1,29 @@
-"""All the algorithm files side by side: same task, model, seeds and budget; a results table and plots.
+"""The algorithm files side by side: same task, model, seeds and sample budget; paired differences with confidence
+intervals, at equal generated samples and at equal training seconds; learning curves and the reward-KL frontier.
 
-    python benchmark/compare.py                                        # all six, seeds 1 2 3, 128 samples each
-                                                                       # (~80 min, 2 CPU cores)
-    python benchmark/compare.py --algorithms ppo ppo_pp drpo --samples 512
-    python benchmark/compare.py --budget seconds --seconds 300         # equal training wall-clock instead
-    python benchmark/compare.py --extra="--model_name Qwen/Qwen2.5-0.5B-Instruct --task gsm8k" \
-        --launcher="accelerate launch --config_file configs/ddp.yaml"  # on GPUs
-    python benchmark/compare.py --report_only                          # re-aggregate the runs already there
+    python benchmark/compare.py                      # the resets question: chain3, 6 files x 5 seeds (2 CPUs)
+    python benchmark/compare.py --algorithms ppo ppo_pp drpo --seeds 1 2 3 4 5 6 7 8 --samples 384
+    python benchmark/compare.py --task arith --samples 128 --extra="--response_length 24"
+    python benchmark/compare.py --extra="--model_name Qwen/Qwen2.5-0.5B-Instruct --task gsm8k" \\
+        --launcher="accelerate launch --config_file configs/ddp.yaml"    # on GPUs
+    python benchmark/compare.py --report_only        # aggregate the runs already there again
 
 Every (seed, algorithm) run is its own process (`{output_dir}/{algorithm}__{seed}`, log in
-`{output_dir}/logs/`), run one after another, seeds in the outer loop so that a stopped comparison
-has whole seeds; a run that finished is not run again (delete its folder, or pass --rerun). The
-budget is per run: `samples` gives every algorithm the same number of generated training samples
-(responses scored in training: prompts x samples per prompt x iterations; A*-PO's stage-1 reference
-samples are extra and their time is in its wall time), `seconds` the same seconds of training
-iterations (`--max_train_seconds`; evaluation not counted). Each run evaluates before training,
-`--num_evals` times during it, and after it, on the same held-out prompts.
+`{output_dir}/logs/`), run one after another, seeds in the outer loop, so a stopped comparison has
+whole seeds; a finished run is not run again (pass --rerun). Every algorithm generates the same
+number of training samples (responses scored in training; A*-PO's stage-1 reference samples are
+extra, and their seconds are charged to it) and evaluates the same held-out prompts before
+training, `--num_evals` times during it and after it: the learning curves.
 
-Written to the output folder: results.md (the table and what it shows), results.json, and
-reward_vs_samples.png, reward_vs_seconds.png, reward_vs_kl.png (mean over seeds, band = +-1 SE).
+Paired by seed: a seed fixes the model, the held-out prompts and the first training draws for every
+algorithm, so each algorithm is compared with `--baseline` through its per-seed differences, with a
+95% t confidence interval over the seeds. Two readings of the same runs:
+- equal samples: the last evaluation of each run (all saw the same number of samples);
+- equal seconds: each run's curve read (linear interpolation) at S, the training seconds of the
+  fastest algorithm (its mean over seeds, A*-PO's stage 1 included): what each reaches in S seconds.
+
+Written to the output folder: results.md, results.json, and the plots accuracy_vs_samples.png,
+accuracy_vs_seconds.png, reward_vs_kl.png (mean over seeds, band = +-1 SE).
 """
 import json
 import math
@@ -28,36 +33,37 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-ALGORITHMS = ("ppo", "ppo_pp", "drpo", "rebel", "apo", "grpo")
+ALGORITHMS = ("ppo", "ppo_pp", "drpo", "grpo", "rebel", "apo")
 NAMES = {"ppo": "PPO", "ppo_pp": "PPO++", "drpo": "DR-PO", "rebel": "REBEL", "apo": "A*-PO", "grpo": "GRPO"}
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086]  # Student t quantiles (97.5%) for 1..20 degrees of freedom
 
 
 @dataclass
 class Args:
     algorithms: tuple[str, ...] = ALGORITHMS
     """algorithm files to compare (without .py)"""
-    seeds: tuple[int, ...] = (1, 2, 3)
+    baseline: str = "ppo"
+    """the algorithm every other one is compared with, seed by seed"""
+    seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
     """seeds; every algorithm runs once per seed"""
-    budget: Literal["samples", "seconds"] = "samples"
-    """what is equal across algorithms: generated training samples, or seconds of training"""
-    samples: int = 128
-    """--budget samples: generated training samples per run (rounded to whole iterations)"""
-    seconds: float = 300.0
-    """--budget seconds: seconds of training iterations per run"""
-    num_evals: int = 1
-    """evaluations during training, evenly spaced (besides the ones before and after), for the curves"""
-    num_eval_prompts: int = 100
+    task: str = "chain3"
+    """the task (--task of the algorithm files)"""
+    samples: int = 192
+    """generated training samples per run (rounded to whole iterations)"""
+    num_evals: int = 5
+    """evaluations during training, evenly spaced, besides the ones before and after (the curves' points)"""
+    num_eval_prompts: int = 50
     """held-out prompts per evaluation"""
-    extra: str = ""
-    """flags for the algorithm files, e.g. --extra="--model_name X --task gsm8k --grpo.kl_coef 0.04" (use the = form);
-    a group's flags (--grpo.x, --ppo.x, --rebel.x, --apo.x) reach only the files that have that group"""
+    extra: str = "--response_length 64 --eval_samples 1"
+    """flags for the algorithm files (use the = form: --extra="..."); a group's flags (--grpo.x, --ppo.x,
+    --rebel.x, --apo.x) reach only the files that have that group"""
     launcher: str = ""
     """command put before each script, e.g. --launcher="accelerate launch --config_file configs/ddp.yaml"
     (default: python)"""
@@ -76,16 +82,18 @@ def parse_script_args(name: str, flags: list):
 
 
 def flags_for(name: str, flags: list) -> list:
-    """`flags` without those of another file's hyper-parameter group (--grpo.x reaches grpo.py only, --ppo.x the PPO
-    family)."""
+    """`flags` without the group flags the file does not have (--grpo.x reaches grpo.py only, --ppo.x the PPO
+    family, --ppo.reset_prob only the files with resets)."""
     import dataclasses
 
-    groups = {f.name for f in dataclasses.fields(__import__(name).Args)}
+    groups = {f.name: f for f in dataclasses.fields(__import__(name).Args)}
     out, keep = [], True
     for token in flags:
         if token.startswith("--"):
-            group = token[2:].split("=")[0].split(".")[0] if "." in token.split("=")[0] else None
-            keep = group is None or group in groups
+            flag = token[2:].split("=")[0]
+            group, _, key = flag.partition(".")
+            keep = not key or (group in groups and key in {
+                f.name for f in dataclasses.fields(groups[group].default_factory())})
         if keep:
             out.append(token)
     return out
@@ -99,20 +107,17 @@ def samples_per_iteration(name: str, script_args) -> int:
 
 def run_flags(name: str, seed: int, args: Args) -> tuple[list, int]:
     """The flags of one run and its number of iterations under the budget."""
-    flags = flags_for(name, shlex.split(args.extra))
-    common = ["--seed", str(seed), "--exp_name", name, "--output_dir", args.output_dir,
-              "--num_eval_prompts", str(args.num_eval_prompts)]
-    if args.budget == "seconds":
-        return flags + common + ["--num_iterations", "100000", "--max_train_seconds", str(args.seconds)], 0
+    flags = flags_for(name, ["--task", args.task, *shlex.split(args.extra)])
     iterations = max(1, round(args.samples / samples_per_iteration(name, parse_script_args(name, flags))))
-    eval_every = iterations // (args.num_evals + 1) if args.num_evals > 0 else 0
-    return flags + common + ["--num_iterations", str(iterations), "--eval_every", str(eval_every)], iterations
+    eval_every = max(1, iterations // (args.num_evals + 1)) if args.num_evals > 0 else 0
+    return flags + ["--seed", str(seed), "--exp_name", name, "--output_dir", args.output_dir, "--num_eval_prompts",
+                    str(args.num_eval_prompts), "--num_iterations", str(iterations), "--eval_every",
+                    str(eval_every)], iterations
 
 
 def run_one(name: str, seed: int, args: Args) -> dict:
-    """Run one algorithm file for one seed; its wall time and exit code go to compare.json in its folder."""
-    run_dir = os.path.join(args.output_dir, f"{name}__{seed}")
-    done_path = os.path.join(run_dir, "compare.json")
+    """Run one algorithm file for one seed; its wall time and exit code go to logs/{name}__{seed}.json."""
+    done_path = os.path.join(args.output_dir, "logs", f"{name}__{seed}.json")
     if os.path.exists(done_path) and not args.rerun:
         with open(done_path) as f:
             done = json.load(f)
@@ -131,7 +136,6 @@ def run_one(name: str, seed: int, args: Args) -> dict:
         returncode = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
     done = {"algorithm": name, "seed": seed, "returncode": returncode, "wall_seconds": time.time() - start,
             "iterations": iterations, "command": cmd}
-    os.makedirs(run_dir, exist_ok=True)
     with open(done_path, "w") as f:
         json.dump(done, f, indent=1)
     status = ("done" if returncode == 0 else
@@ -142,9 +146,12 @@ def run_one(name: str, seed: int, args: Args) -> dict:
 
 
 # aggregation: pure functions of the runs' metrics.jsonl (tested on hand-made files)
-def read_run(run_dir: str) -> dict:
-    """One run's evaluation curve and speed: eval points (step, samples, training seconds, reward, accuracy, KL,
-    win rate) from metrics.jsonl, the median speed over iterations after the first, peak memory, wall time."""
+METRICS = ("reward", "accuracy", "kl", "win_rate", "pass@1", "pass@8", "sample_reward")
+
+
+def read_run(run_dir: str, done_path: str = "") -> dict:
+    """One run's evaluation curve and speed: eval points (step, samples, training seconds, the eval metrics) from
+    metrics.jsonl, the median speed over iterations after the first, peak memory, wall time."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     train = {r["step"]: r for r in rows if "perf/seconds_per_iter" in r}
@@ -160,16 +167,13 @@ def read_run(run_dir: str) -> dict:
         points.append({
             "step": step, "samples": train[step]["episode"] if step in train else 0,
             "seconds": stage1 + sum(t["perf/seconds_per_iter"] for s, t in train.items() if s <= step),
-            **{k: r.get(f"eval/{k}", float("nan")) for k in ("reward", "accuracy", "kl", "win_rate")}})
+            **{k: r.get(f"eval/{k}", float("nan")) for k in METRICS}})
     speed = [train[s] for s in sorted(train)][1:] or list(train.values())  # the first iteration warms up
     out = {"points": points, "iterations": len(train), "stage1_seconds": stage1,
-           "train_seconds": sum(t["perf/seconds_per_iter"] for t in train.values()),
+           "train_seconds": stage1 + sum(t["perf/seconds_per_iter"] for t in train.values()),
            "seconds_per_iter": (float(np.median([t["perf/seconds_per_iter"] for t in speed])) if speed
                                 else float("nan")),
-           "tokens_per_second": (float(np.median([t["perf/tokens_per_second"] for t in speed])) if speed
-                                 else float("nan")),
            "peak_memory_gb": max((t["perf/peak_memory_gb"] for t in train.values()), default=float("nan"))}
-    done_path = os.path.join(run_dir, "compare.json")
     out["wall_seconds"] = json.load(open(done_path))["wall_seconds"] if os.path.exists(done_path) else float("nan")
     return out
 
@@ -182,16 +186,22 @@ def mean_se(values) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")
 
 
-def aggregate(runs: list) -> dict:
-    """Mean and SE over seeds (`runs`: read_run outputs of one algorithm) of the final evaluation and the speed."""
-    final = {k: mean_se([r["points"][-1][k] for r in runs if r["points"]])
-             for k in ("reward", "accuracy", "kl", "win_rate", "samples")}
-    final["reference_reward"] = mean_se([r["points"][0]["reward"] for r in runs if r["points"]])
-    for k in ("seconds_per_iter", "tokens_per_second", "peak_memory_gb", "wall_seconds", "train_seconds",
-              "stage1_seconds", "iterations"):
-        final[k] = mean_se([r[k] for r in runs])
-    final["seeds"] = len(runs)
-    return final
+def paired_ci(differences) -> tuple[float, float, float]:
+    """Mean of per-seed differences and its 95% t confidence interval (low, high); nan bounds for one seed."""
+    d = np.array([x for x in differences if not math.isnan(x)], dtype=float)
+    if len(d) == 0:
+        return float("nan"), float("nan"), float("nan")
+    if len(d) == 1:
+        return float(d[0]), float("nan"), float("nan")
+    half = T_975[min(len(d) - 2, len(T_975) - 1)] * d.std(ddof=1) / math.sqrt(len(d))
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
+def value_at(run: dict, x: str, at: float, y: str) -> float:
+    """The run's curve y(x) read at x = `at` by linear interpolation between its evaluations (the last one beyond)."""
+    xs = [p[x] for p in run["points"]]
+    ys = [p[y] for p in run["points"]]
+    return float(np.interp(at, xs, ys))
 
 
 def curve(runs: list, x: str, y: str):
@@ -202,6 +212,36 @@ def curve(runs: list, x: str, y: str):
     return np.array(xs), np.array([m for m, _ in ys]), np.array([0.0 if math.isnan(s) else s for _, s in ys])
 
 
+def summarize(per_algorithm: dict, baseline: str) -> dict:
+    """Per algorithm: final metrics (mean, SE), accuracy at the common seconds S, cost; and the paired differences
+    from `baseline` at equal samples and at equal seconds. `per_algorithm` maps a name to {seed: read_run()}."""
+    seconds = {name: mean_se([r["train_seconds"] for r in runs.values()])[0] for name, runs in per_algorithm.items()}
+    common = min(seconds.values())
+    stats = {}
+    for name, runs in per_algorithm.items():
+        final = {k: mean_se([r["points"][-1][k] for r in runs.values()]) for k in METRICS}
+        final.update({"reference": mean_se([r["points"][0]["accuracy"] for r in runs.values()]),
+                      "samples": runs[next(iter(runs))]["points"][-1]["samples"], "seeds": sorted(runs),
+                      "accuracy_at_S": mean_se([value_at(r, "seconds", common, "accuracy") for r in runs.values()]),
+                      **{k: mean_se([r[k] for r in runs.values()]) for k in
+                         ("train_seconds", "stage1_seconds", "seconds_per_iter", "peak_memory_gb", "wall_seconds")}})
+        stats[name] = final
+    paired = {}
+    base = per_algorithm.get(baseline, {})
+    for name, runs in per_algorithm.items():
+        seeds = sorted(set(runs) & set(base))
+        if name == baseline or not seeds:
+            continue
+        paired[name] = {
+            "seeds": seeds,
+            "samples": paired_ci([runs[s]["points"][-1]["accuracy"] - base[s]["points"][-1]["accuracy"]
+                                  for s in seeds]),
+            "seconds": paired_ci([value_at(runs[s], "seconds", common, "accuracy")
+                                  - value_at(base[s], "seconds", common, "accuracy") for s in seeds]),
+            "kl": paired_ci([runs[s]["points"][-1]["kl"] - base[s]["points"][-1]["kl"] for s in seeds])}
+    return {"stats": stats, "paired": paired, "common_seconds": common}
+
+
 def fmt(m_se, digits=3) -> str:
     m, s = m_se
     if math.isnan(m):
@@ -209,82 +249,61 @@ def fmt(m_se, digits=3) -> str:
     return f"{m:.{digits}f}" if math.isnan(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def results_table(stats: dict) -> str:
-    """The Markdown table: one row per algorithm."""
-    lines = ["| algorithm | seeds | samples | held-out reward | accuracy | KL to ref | win rate vs ref | "
-             "s / iteration | "
-             "generated tokens / s | peak memory GB | training s (+ stage 1) | wall s per run |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, s in stats.items():
-        lines.append(f"| {NAMES.get(name, name)} | {s['seeds']} | {s['samples'][0]:.0f} | {fmt(s['reward'])} | "
-                     f"{fmt(s['accuracy'])} | "
-                     f"{fmt(s['kl'], 2)} | {fmt(s['win_rate'])} | {fmt(s['seconds_per_iter'], 1)} | "
-                     f"{fmt(s['tokens_per_second'], 1)} | "
-                     f"{fmt(s['peak_memory_gb'], 2)} | {fmt(total_seconds(s), 0)} | {fmt(s['wall_seconds'], 0)} |")
+def fmt_ci(ci, digits=3) -> str:
+    m, lo, hi = ci
+    if math.isnan(m):
+        return "-"
+    return f"{m:+.{digits}f}" + ("" if math.isnan(lo) else f" [{lo:+.{digits}f}, {hi:+.{digits}f}]")
+
+
+def verdict(ci) -> str:
+    """'better' / 'worse' when the 95% interval excludes 0, else 'no difference shown'."""
+    _, lo, hi = ci
+    if math.isnan(lo):
+        return "one seed: no interval"
+    return "better" if lo > 0 else "worse" if hi < 0 else "no difference shown"
+
+
+def results_table(summary: dict) -> str:
+    """The Markdown tables: per algorithm, then the paired differences from the baseline."""
+    s_common = summary["common_seconds"]
+    lines = ["| algorithm | seeds | samples | held-out accuracy | pass@1 (sampled) | KL to ref | win rate | "
+             f"accuracy at {s_common:.0f} s | training s (+ stage 1) | s / iteration | peak memory GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in summary["stats"].items():
+        lines.append(f"| {NAMES.get(name, name)} | {len(s['seeds'])} | {s['samples']:.0f} | {fmt(s['accuracy'])} | "
+                     f"{fmt(s['pass@1'])} | {fmt(s['kl'], 2)} | {fmt(s['win_rate'])} | {fmt(s['accuracy_at_S'])} | "
+                     f"{fmt(s['train_seconds'], 0)} | {fmt(s['seconds_per_iter'], 1)} | "
+                     f"{fmt(s['peak_memory_gb'], 2)} |")
+    if summary["paired"]:
+        lines += ["", "| minus the baseline, per seed | seeds | accuracy, equal samples (95% CI) | verdict | "
+                  f"accuracy at {s_common:.0f} s (95% CI) | verdict | KL (95% CI) |", "|---|---|---|---|---|---|---|"]
+        for name, p in summary["paired"].items():
+            lines.append(f"| {NAMES.get(name, name)} | {len(p['seeds'])} | {fmt_ci(p['samples'])} | "
+                         f"{verdict(p['samples'])} | {fmt_ci(p['seconds'])} | {verdict(p['seconds'])} | "
+                         f"{fmt_ci(p['kl'], 2)} |")
     return "\n".join(lines)
 
 
-def _better(a, b) -> str:
-    """'higher', 'lower' or 'within noise': mean difference of a - b against 2 combined standard errors."""
-    diff, se = a[0] - b[0], math.sqrt(np.nan_to_num(a[1]) ** 2 + np.nan_to_num(b[1]) ** 2)
-    if se == 0 or math.isnan(se):
-        return "higher" if diff > 0 else "lower" if diff < 0 else "equal"
-    return "higher" if diff > 2 * se else "lower" if diff < -2 * se else "within noise (|diff| < 2 SE)"
-
-
-def total_seconds(s: dict) -> tuple[float, float]:
-    """Training seconds plus A*-PO's stage 1 (mean, SE): the compute a method spends for its samples."""
-    se = math.sqrt(s["train_seconds"][1] ** 2 + np.nan_to_num(s["stage1_seconds"][1]) ** 2)  # nan with one seed
-    return s["train_seconds"][0] + s["stage1_seconds"][0], se
-
-
-def findings(stats: dict) -> list:
-    """What the table shows next to the papers' claims, computed from the numbers (no hand-written verdicts)."""
-    out = []
-    if "ppo" in stats:
-        ppo = stats["ppo"]
-        for name in ("ppo_pp", "drpo"):
-            if name in stats:
-                s = stats[name]
-                out.append(f"- Claim: {NAMES[name]} beats PPO in held-out reward at equal or lower KL. Here: reward "
-                           f"{fmt(s['reward'])} vs {fmt(ppo['reward'])} ({_better(s['reward'], ppo['reward'])}), KL "
-                           f"{fmt(s['kl'], 2)} vs {fmt(ppo['kl'], 2)} ({_better(s['kl'], ppo['kl'])}).")
-    for cheap in ("rebel", "apo"):
-        if cheap not in stats:
-            continue
-        s = stats[cheap]
-        for other in ("ppo", "grpo"):
-            if other in stats:
-                o = stats[other]
-                cost = total_seconds(s)
-                out.append(f"- Claim: {NAMES[cheap]} is cheaper than {NAMES[other]}. Here, for the same samples: "
-                           f"training "
-                           f"{fmt(cost, 0)} s vs {fmt(total_seconds(o), 0)} s ({_better(cost, total_seconds(o))})"
-                           + (f" (of which stage 1: {s['stage1_seconds'][0]:.0f} s)"
-                              if s['stage1_seconds'][0] > 0 else "")
-                           + f", peak memory {fmt(s['peak_memory_gb'], 2)} vs {fmt(o['peak_memory_gb'], 2)} GB "
-                           f"({_better(s['peak_memory_gb'], o['peak_memory_gb'])}).")
-    return out
-
-
 def plot(per_algorithm: dict, output_dir: str) -> list:
-    """reward vs samples, vs training seconds, and vs KL; mean over seeds with a +-1 SE band. Returns the files."""
+    """Accuracy vs samples and vs training seconds, and reward vs KL; mean over seeds with a +-1 SE band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    for x, label, fname in (("samples", "generated training samples", "reward_vs_samples.png"),
-                            ("seconds", "training seconds (A*-PO: with stage 1)", "reward_vs_seconds.png"),
-                            ("kl", "KL to the reference (nats, held-out)", "reward_vs_kl.png")):
+    for x, y, xlabel, fname in (
+            ("samples", "accuracy", "generated training samples", "accuracy_vs_samples.png"),
+            ("seconds", "accuracy", "training seconds (A*-PO: with stage 1)", "accuracy_vs_seconds.png"),
+            ("kl", "reward", "KL to the reference (nats, held-out, sampled)", "reward_vs_kl.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, runs in per_algorithm.items():
-            xs, ys, se = curve(runs, x, "reward")
+            xs, ys, se = curve(list(runs.values()), x, y)
             ax.plot(xs, ys, marker="o", label=NAMES.get(name, name))
             ax.fill_between(xs, ys - se, ys + se, alpha=0.2)
-        ax.set_xlabel(label)
-        ax.set_ylabel("held-out reward")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"held-out {y}")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -298,29 +317,33 @@ def plot(per_algorithm: dict, output_dir: str) -> list:
 def report(args: Args, total_seconds: float | None = None) -> str:
     per_algorithm = {}
     for name in args.algorithms:
-        runs = [read_run(os.path.join(args.output_dir, f"{name}__{seed}")) for seed in args.seeds
-                if os.path.exists(os.path.join(args.output_dir, f"{name}__{seed}", "metrics.jsonl"))]
-        runs = [r for r in runs if r["points"] and r["iterations"] > 0]
+        runs = {}
+        for seed in args.seeds:
+            run_dir = os.path.join(args.output_dir, f"{name}__{seed}")
+            if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+                run = read_run(run_dir, os.path.join(args.output_dir, "logs", f"{name}__{seed}.json"))
+                if run["points"] and run["iterations"] > 0:
+                    runs[seed] = run
         if runs:
             per_algorithm[name] = runs
     if not per_algorithm:
         raise SystemExit(f"[compare] no finished runs in {args.output_dir}")
-    stats = {name: aggregate(runs) for name, runs in per_algorithm.items()}
-    budget = f"{args.samples} generated samples" if args.budget == "samples" else f"{args.seconds:.0f} s of training"
+    summary = summarize(per_algorithm, args.baseline)
+    reference = next(iter(summary["stats"].values()))["reference"]
     text = "\n".join([
-        f"Budget per run: {budget}; seeds {', '.join(map(str, args.seeds))}; {args.num_eval_prompts} held-out prompts; "
-        f"extra flags: `{args.extra or '(none)'}`. Mean ± standard error over seeds; reference (before training) "
-        f"reward {fmt(next(iter(stats.values()))['reference_reward'])}.", "",
-        results_table(stats), "",
-        "What this run shows, beside the papers' claims (a difference counts when it exceeds 2 standard errors):",
-        *findings(stats)])
+        f"Task {args.task}; {args.samples} generated training samples per run; seeds "
+        f"{', '.join(map(str, args.seeds))}; {args.num_eval_prompts} held-out prompts, {args.num_evals + 2} "
+        f"evaluations per run; extra flags: `{args.extra or '(none)'}`. Mean ± standard error over seeds; "
+        f"held-out accuracy before training {fmt(reference)}. Differences from {NAMES.get(args.baseline)} are "
+        "per seed (paired), with a 95% t interval over seeds; a verdict needs the interval to exclude 0.", "",
+        results_table(summary)])
     if total_seconds is not None:
         text += f"\n\nWhole comparison: {total_seconds / 60:.1f} min."
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "stats": stats, "runs": per_algorithm}, f, indent=1)
+        json.dump({"args": vars(args), "summary": summary, "runs": per_algorithm}, f, indent=1)
     try:
         written = plot(per_algorithm, args.output_dir)
     except ImportError:

@@ -11,64 +11,64 @@ sys.path.insert(0, os.path.join(ROOT, "benchmark"))
 import compare  # noqa: E402
 
 
-def _write_run(run_dir, reward_before, reward_after, kl, seconds, memory, stage1=None, wall=100.0):
-    """Two iterations of 16 samples, evaluations before (step 0) and after (step 2)."""
+def _write_run(run_dir, accuracy, kl, seconds, memory, stage1=None):
+    """Two iterations of 16 samples, evaluations before (step 0), after iteration 1 and after iteration 2;
+    `accuracy` and `kl` are the three evaluations' values, `seconds` the two iterations'."""
     os.makedirs(run_dir)
-    rows = [{"step": 0, "eval/reward": reward_before, "eval/accuracy": reward_before, "eval/kl": 0.0,
-             "eval/win_rate": 0.5,
-             **({"perf/stage1_seconds": stage1} if stage1 is not None else {})}]
-    for step, s in ((1, seconds[0]), (2, seconds[1])):
-        rows.append({"step": step, "episode": 16 * step, "perf/seconds_per_iter": s,
-                     "perf/tokens_per_second": 100.0 / s,
-                     "perf/peak_memory_gb": memory})
-    rows.append({"step": 2, "eval/reward": reward_after, "eval/accuracy": reward_after, "eval/kl": kl,
-                 "eval/win_rate": 0.7})
+    rows = []
+    for step, acc, k in zip((0, 1, 2), accuracy, kl):
+        if step:
+            rows.append({"step": step, "episode": 16 * step, "perf/seconds_per_iter": seconds[step - 1],
+                         "perf/peak_memory_gb": memory})
+        rows.append({"step": step, "eval/reward": acc, "eval/accuracy": acc, "eval/kl": k, "eval/win_rate": 0.5,
+                     "eval/pass@1": acc / 2, **({"perf/stage1_seconds": stage1} if stage1 and not step else {})})
     with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
-    with open(os.path.join(run_dir, "compare.json"), "w") as f:
-        json.dump({"returncode": 0, "wall_seconds": wall}, f)
 
 
-def test_read_run_and_aggregate_by_hand(tmp_path):
-    _write_run(tmp_path / "a__1", 0.2, 0.5, 2.0, (10.0, 4.0), 5.0, stage1=30.0, wall=90.0)
-    _write_run(tmp_path / "a__2", 0.2, 0.7, 4.0, (10.0, 6.0), 6.0, stage1=30.0, wall=110.0)
+def test_read_run_and_read_a_curve_by_hand(tmp_path):
+    _write_run(tmp_path / "a__1", (0.2, 0.4, 0.6), (0.0, 1.0, 2.0), (10.0, 4.0), 5.0, stage1=30.0)
     run = compare.read_run(str(tmp_path / "a__1"))
-    assert [p["step"] for p in run["points"]] == [0, 2]
-    assert [p["samples"] for p in run["points"]] == [0, 32]
-    assert [p["seconds"] for p in run["points"]] == [30.0, 44.0]  # stage 1 first, then the iterations' seconds
+    assert [p["step"] for p in run["points"]] == [0, 1, 2]
+    assert [p["samples"] for p in run["points"]] == [0, 16, 32]
+    assert [p["seconds"] for p in run["points"]] == [30.0, 40.0, 44.0]  # stage 1 first, then the iterations'
     assert run["seconds_per_iter"] == 4.0  # the first iteration (warm-up) is left out of the median
-    assert run["train_seconds"] == 14.0 and run["peak_memory_gb"] == 5.0 and run["wall_seconds"] == 90.0
-
-    runs = [run, compare.read_run(str(tmp_path / "a__2"))]
-    stats = compare.aggregate(runs)
-    # mean 0.6, sample std sqrt(0.02) = 0.1414, SE = 0.1414 / sqrt(2) = 0.1
-    assert stats["reward"][0] == pytest.approx(0.6) and stats["reward"][1] == pytest.approx(0.1)
-    assert stats["kl"][0] == pytest.approx(3.0) and stats["kl"][1] == pytest.approx(1.0)
-    assert stats["seconds_per_iter"] == pytest.approx((5.0, 1.0))
-    assert stats["wall_seconds"] == pytest.approx((100.0, 10.0))
-    assert stats["reference_reward"][0] == pytest.approx(0.2) and stats["seeds"] == 2
-
-    xs, ys, se = compare.curve(runs, "samples", "reward")
-    assert list(xs) == [0, 32] and ys == pytest.approx([0.2, 0.6]) and se == pytest.approx([0.0, 0.1])
-    assert "0.600 ± 0.100" in compare.results_table({"apo": stats})
+    assert run["train_seconds"] == 44.0 and run["peak_memory_gb"] == 5.0
+    assert run["points"][-1]["pass@1"] == 0.3
+    # the curve at 35 s: halfway between 30 s (0.2) and 40 s (0.4); past the last point, the last value
+    assert compare.value_at(run, "seconds", 35.0, "accuracy") == pytest.approx(0.3)
+    assert compare.value_at(run, "seconds", 100.0, "accuracy") == pytest.approx(0.6)
 
 
-def test_mean_se_edge_cases():
+def test_paired_confidence_interval_by_hand():
+    # differences 0.1, 0.2, 0.3: mean 0.2, sample std 0.1, t(0.975, 2) = 4.303: half-width 4.303 * 0.1 / sqrt(3)
+    mean, lo, hi = compare.paired_ci([0.1, 0.2, 0.3])
+    half = 4.303 * 0.1 / math.sqrt(3)
+    assert mean == pytest.approx(0.2) and lo == pytest.approx(0.2 - half) and hi == pytest.approx(0.2 + half)
+    assert compare.verdict((0.2, lo, hi)) == "no difference shown"  # 0.2 - 0.248 < 0
+    assert compare.verdict(compare.paired_ci([0.3, 0.31, 0.32])) == "better"
+    assert compare.verdict(compare.paired_ci([-0.3, -0.31, -0.32])) == "worse"
     assert compare.mean_se([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0 / math.sqrt(3)))
     m, s = compare.mean_se([0.4])
     assert m == 0.4 and math.isnan(s)  # one seed: no standard error
-    assert all(math.isnan(x) for x in compare.mean_se([float("nan")]))
 
 
-def test_findings_follow_the_numbers(tmp_path):
-    base = {"seeds": 3, "wall_seconds": (1.0, 0.0), "tokens_per_second": (1.0, 0.0), "stage1_seconds": (0.0, 0.0)}
-    ppo = {**base, "reward": (0.40, 0.01), "kl": (4.0, 0.1), "train_seconds": (300.0, 5.0),
-           "peak_memory_gb": (6.0, 0.01)}
-    drpo = {**base, "reward": (0.60, 0.01), "kl": (4.05, 0.1), "train_seconds": (290.0, 5.0),
-            "peak_memory_gb": (6.0, 0.01)}
-    text = "\n".join(compare.findings({"ppo": ppo, "drpo": drpo}))
-    assert "reward 0.600 ± 0.010 vs 0.400 ± 0.010 (higher)" in text
-    assert "KL 4.05 ± 0.10 vs 4.00 ± 0.10 (within noise" in text
+def test_summarize_pairs_seeds_at_equal_samples_and_equal_seconds(tmp_path):
+    # the baseline is slow (20 s per iteration), the other fast (5 s): the common time is the fast one's 10 s
+    for seed, base, fast in ((1, (0.2, 0.3, 0.5), (0.2, 0.5, 0.6)), (2, (0.1, 0.2, 0.4), (0.1, 0.4, 0.6))):
+        _write_run(tmp_path / f"base__{seed}", base, (0, 1, 2), (20.0, 20.0), 6.0)
+        _write_run(tmp_path / f"fast__{seed}", fast, (0, 1, 2), (5.0, 5.0), 5.0)
+    runs = {name: {seed: compare.read_run(str(tmp_path / f"{name}__{seed}")) for seed in (1, 2)}
+            for name in ("base", "fast")}
+    summary = compare.summarize(runs, "base")
+    assert summary["common_seconds"] == 10.0
+    paired = summary["paired"]["fast"]
+    assert paired["samples"][0] == pytest.approx(((0.6 - 0.5) + (0.6 - 0.4)) / 2)  # last evaluations
+    # at 10 s the baseline is halfway through its first iteration: 0.2 + 0.5 * 0.1 and 0.1 + 0.5 * 0.1
+    assert paired["seconds"][0] == pytest.approx(((0.6 - 0.25) + (0.6 - 0.15)) / 2)
+    assert summary["stats"]["fast"]["accuracy"] == pytest.approx((0.6, 0.0))
+    table = compare.results_table(summary)
+    assert "| fast | 2 |" in table and "accuracy at 10 s" in table
 
 
 def test_flags_for_keeps_each_files_own_groups():
@@ -80,17 +80,18 @@ def test_flags_for_keeps_each_files_own_groups():
 def test_compare_smoke(tiny_model_dir, tmp_path):
     extra = (f"--model_name {tiny_model_dir} --response_length 8 --micro_batch_size 2 --prompts_per_iteration 4 "
              "--eval_batch_size 8 --num_train_prompts 32 --grpo.num_generations 2")
-    proc = run_script([sys.executable, "benchmark/compare.py", "--algorithms", "grpo", "ppo", "--seeds", "1",
-                       "--samples", "4", "--num_eval_prompts", "8", "--output_dir", str(tmp_path), f"--extra={extra}"])
+    cmd = [sys.executable, "benchmark/compare.py", "--algorithms", "ppo", "grpo", "--seeds", "1", "2", "--samples", "8",
+           "--num_evals", "1", "--num_eval_prompts", "8", "--task", "arith", "--output_dir", str(tmp_path),
+           f"--extra={extra}"]
+    run_script(cmd)
     table = (tmp_path / "results.md").read_text()
-    assert "| GRPO | 1 |" in table and "| PPO | 1 |" in table
-    for name in ("reward_vs_samples.png", "reward_vs_seconds.png", "reward_vs_kl.png", "results.json"):
+    assert "| GRPO | 2 |" in table and "| PPO | 2 |" in table and "| GRPO | 2 | " in table.split("minus")[1]
+    for name in ("accuracy_vs_samples.png", "accuracy_vs_seconds.png", "reward_vs_kl.png", "results.json"):
         assert (tmp_path / name).stat().st_size > 0
-    assert json.load(open(tmp_path / "grpo__1" / "compare.json"))["iterations"] == 1  # 4 samples = 1 iteration of 4 x 2
-    # a second call keeps the finished runs and only aggregates them again
-    proc = run_script([sys.executable, "benchmark/compare.py", "--algorithms", "grpo", "ppo", "--seeds", "1",
-                       "--samples", "4", "--num_eval_prompts", "8", "--output_dir", str(tmp_path), f"--extra={extra}"])
-    assert proc.stdout.count("finished before, kept") == 2
+    assert json.load(open(tmp_path / "logs" / "grpo__1.json"))["iterations"] == 1  # 8 samples = 1 iteration of 4 x 2
+    assert len(compare.read_run(str(tmp_path / "ppo__1"))["points"]) == 3  # before, once during, after
+    proc = run_script(cmd)  # a second call keeps the finished runs and only aggregates them again
+    assert proc.stdout.count("finished before, kept") == 4
 
 
 def test_max_train_seconds_stops_early(tiny_model_dir, tmp_path):
