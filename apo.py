@@ -1,29 +1,27 @@
 """A*-PO: Accelerating RL for LLM Reasoning with Optimal Advantage Regression (Brantley et al. 2025, arXiv:2505.20686).
 
     python apo.py                                     # embedded SmolLM2-135M + arithmetic, 2 CPU cores, ~11 min
-    python apo.py --apo.stage1_only                   # stage 1 alone: sample, score and cache the rewards
     accelerate launch --config_file configs/ddp.yaml apo.py --model_name Qwen/Qwen2.5-1.5B-Instruct --task gsm8k
 
-Stage 1, offline and once (cached): the reference policy samples N responses per training prompt,
-and V*(x) = beta1 log mean_i exp(r_i / beta1) estimates the optimal value of the KL-regularised
-objective. Stage 2: one response per prompt from the current policy, and a least-squares regression
-of the optimal advantage r - V*(x) with the policy's log-ratio to the reference:
+Stage 1, offline and once (cached): the reference policy samples N responses per training prompt, and
+V*(x) = beta1 log mean_i exp(r_i / beta1) estimates the optimal value of the KL-regularised objective. Stage 2:
+one response per prompt from the current policy, and a least-squares regression of the optimal advantage
+r - V*(x) with the policy's log-ratio to the reference:
     loss = mean over responses of (beta2 * sum_t (lp - lp_ref) - (r - V*(x)))^2.
 No critic, no group of samples, no clipping, no old log-probs (the loss is relative to the reference).
 
 Where this file departs from the paper and why:
-1. 128 training prompts by default: stage 1 samples N = 8 responses for each, a cost the authors paid
-   once with vLLM on GPUs. Both stages sample at `--temperature` (the authors: 1.0), so V* is the value
-   under the distribution the policy learns from.
-2. beta2 = 1e-3 as in the paper: on a CPU budget the policy never moves the hundreds of nats from the
-   reference at which the regularisation binds, so the update is close to a policy gradient with the
-   baseline V*(x); raise beta2 to hold the policy nearer the reference.
+1. 128 training prompts by default: stage 1 samples N = 8 responses for each, a cost the authors paid once with
+   vLLM on GPUs. Both stages sample at `--temperature` (the authors: 1.0), so V* is the value under the
+   distribution the policy learns from.
+2. beta2 = 1e-3 as in the paper: on a CPU budget the policy never moves the hundreds of nats from the reference
+   at which the regularisation binds, so the update is close to a policy gradient with the baseline V*(x);
+   raise beta2 to hold the policy nearer the reference. The regression's log-ratio is its KL term (no estimator).
 """
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 from common.config import BaseArgs, parse_args
@@ -46,7 +44,7 @@ class APOHParams:
     filter_unsolved: bool = False
     """drop training prompts whose N reference samples all score <= 0 (never solved; for 0/1 verifiers)"""
     stage1_only: bool = False
-    """run stage 1 (sample, score, cache) and exit"""
+    """run stage 1 alone (sample, score and cache the reference's rewards) and exit"""
     ranges: ClassVar[dict] = dict(num_samples=">= 1", beta1=">= 0", beta2="> 0", entropy_coef=">= 0")
 
 
@@ -84,12 +82,10 @@ if __name__ == "__main__":
     # stage 1 (offline, once, cached) -- ALGO LOGIC: the rewards of N reference samples per training prompt give V*(x)
     ref_rewards, stage1_seconds = training_prompt_scores(run, ref_model, args.apo.num_samples, "apo_stage1")  # (P, N)
     v_star = optimal_value(ref_rewards, args.apo.beta1)  # (P,)
-    solved = (ref_rewards > 0).any(dim=1)  # (P,)
-    accelerator.print(f"[apo] stage 1: mean reward {ref_rewards.mean():.3f}, {int((~solved).sum())} never solved")
     if args.apo.stage1_only:
         raise SystemExit(0)
     if args.apo.filter_unsolved:  # train on the prompts the reference solved at least once
-        v_star = v_star[keep_training_prompts(run, solved)]
+        v_star = v_star[keep_training_prompts(run, (ref_rewards > 0).any(dim=1))]
 
     optimizer, scheduler = make_optimizer(policy, args)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
@@ -116,7 +112,7 @@ if __name__ == "__main__":
             # 6. update
             stats = {"loss/policy": [], "objective/entropy": [], "objective/kl": []}
             for mini in minibatches(args, device):
-                num_tokens = mask[mini].sum()
+                num_tokens = accelerator.reduce(mask[mini].sum().float(), "mean")  # the mean over processes
                 for micro in micro_batches(accelerator, policy, mini, args.micro_batch_size):
                     logprobs, entropy = forward_logprobs(policy, query_responses[micro], attention_mask[micro],
                                                          args.response_length, args.temperature, with_entropy=True,
@@ -132,7 +128,8 @@ if __name__ == "__main__":
 
             # 7. log and evaluate
             stats["objective/v_star"] = values.mean().item()
-            stats["objective/rlhf_reward"] = scores.mean().item() - args.apo.beta2 * np.mean(stats["objective/kl"])
+            kl = torch.tensor(stats["objective/kl"]).mean().item()  # the regression's KL term is beta2 * this
+            stats["objective/rlhf_reward"] = scores.mean().item() - args.apo.beta2 * kl
             if end_iteration(run, stats, scores=scores, lengths=lengths, has_eos=has_eos, scheduler=scheduler,
                              episode=iteration * args.prompts_per_iteration, policy=policy, ref_model=ref_model):
                 break

@@ -25,7 +25,7 @@ from common.config import BaseArgs, parse_args
 from common.generation import forward_logprobs
 from common.run import (end_iteration, finish_run, iterations, logprobs_of, rollout, sample_prompts,
                         save_on_failure, setup_run, start_training)
-from common.training import make_optimizer, masked_mean, micro_batches, minibatches, optimizer_step
+from common.training import kl_per_token, make_optimizer, masked_mean, micro_batches, minibatches, optimizer_step
 
 
 @dataclass
@@ -35,7 +35,11 @@ class GRPOHParams:
     cliprange: float = 0.2
     """epsilon: clip range of the probability ratio"""
     kl_coef: float = 0.0
-    """beta: weight of the k3 KL estimate to the reference in the loss (0: no reference model in training)"""
+    """beta: weight of the KL estimate to the reference (0: no reference model in training)"""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """per-token estimate: k1 = log pi/ref, k2 = (log pi/ref)^2 / 2, k3 = ref/pi - 1 - log ref/pi (benchmark/README)"""
+    kl_in: Literal["reward", "loss"] = "loss"
+    """where the estimate goes: added to each token's loss (the paper's), or its sum subtracted from each score"""
     loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "grpo"
     """loss aggregation: grpo = mean over sequences of per-sequence token means (the paper's);
     bnpo = token sum / token count; dr_grpo = token sum / (sequences x response_length)"""
@@ -60,15 +64,13 @@ def group_advantages(scores, group_size: int, scale_rewards: bool, eps: float = 
     return advantages.flatten()
 
 
-def grpo_per_token_loss(logprobs, old_logprobs, ref_logprobs, advantages, cliprange: float, kl_coef: float):
-    """-min(rho A, clip(rho, 1-eps, 1+eps) A) + beta k3: (B, T) log-probs, (B,) advantages -> (B, T)."""
+def grpo_per_token_loss(logprobs, old_logprobs, ref_logprobs, advantages, cliprange: float, kl_coef: float,
+                        kl_estimator: str = "k3"):
+    """-min(rho A, clip(rho, 1-eps, 1+eps) A) + beta k: (B, T) log-probs, (B,) advantages -> (B, T)."""
     ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
     adv = advantages[:, None]  # (B, 1)
     loss = -torch.min(ratio * adv, torch.clamp(ratio, 1 - cliprange, 1 + cliprange) * adv)
-    if kl_coef > 0:
-        log_ref_ratio = ref_logprobs - logprobs
-        loss = loss + kl_coef * (torch.exp(log_ref_ratio) - log_ref_ratio - 1)  # k3 >= 0
-    return loss
+    return loss + kl_coef * kl_per_token(logprobs, ref_logprobs, kl_estimator) if kl_coef > 0 else loss
 
 
 def aggregate_loss(per_token, mask, loss_type: str, num_sequences: int, num_tokens, response_length: int):
@@ -90,7 +92,7 @@ if __name__ == "__main__":
     optimizer, scheduler = make_optimizer(policy, args)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     start_iteration = start_training(run, policy)  # resumes from --resume_from; evaluates the reference policy
-    needs_old = args.num_epochs > 1 or args.num_minibatches > 1  # else pi_old = pi: the ratio is 1
+    needs_old = args.num_epochs > 1 or args.num_minibatches > 1 or ref_model is not None  # else the ratio is 1
 
     with save_on_failure(run, policy):
         for iteration in iterations(run, start_iteration):
@@ -103,26 +105,28 @@ if __name__ == "__main__":
             # 4. score
             scores = run.score(rows, tokenizer.batch_decode(responses, skip_special_tokens=True)).to(device)  # (B,)
 
-            # 5. rewards and advantages
-            # ALGO LOGIC: the group baseline replaces a value model
-            advantages = group_advantages(scores, G, args.grpo.scale_rewards)  # (B,)
+            # 5. rewards and advantages -- ALGO LOGIC: the group baseline replaces a value model
             query_responses = torch.cat([queries, responses], dim=1)  # (B, P+T): what the models read
             attention_mask = torch.cat([query_mask, mask.long()], dim=1)  # (B, P+T)
             old_logprobs = logprobs_of(run, policy, query_responses, attention_mask) if needs_old else None
             ref_logprobs = logprobs_of(run, ref_model, query_responses, attention_mask)  # (B, T) or None
+            kl = (kl_per_token(old_logprobs, ref_logprobs, args.grpo.kl_estimator) * mask).sum(1) if needs_old else 0
+            rewards = scores - args.grpo.kl_coef * kl if args.grpo.kl_in == "reward" else scores  # (B,) or KL in loss
+            advantages = group_advantages(rewards, G, args.grpo.scale_rewards)  # (B,)
 
             # 6. update
             stats = {"loss/policy": [], "policy/clipfrac": [], "policy/approxkl": [], "objective/entropy": [],
                      "objective/kl": []}
-            for mini in minibatches(args, device):
-                num_tokens = mask[mini].sum()
+            for mini in minibatches(args, device, group_size=G):  # groups stay together (they share their prompt)
+                num_tokens = accelerator.reduce(mask[mini].sum().float(), "mean")  # the mean over processes
                 for micro in micro_batches(accelerator, policy, mini, args.micro_batch_size):
                     logprobs, entropy = forward_logprobs(policy, query_responses[micro], attention_mask[micro],
                                                          args.response_length, args.temperature, with_entropy=True)
                     old = old_logprobs[micro] if old_logprobs is not None else logprobs.detach()  # (b, T)
                     ref = ref_logprobs[micro] if ref_logprobs is not None else None  # (b, T)
                     per_token = grpo_per_token_loss(logprobs, old, ref, advantages[micro], args.grpo.cliprange,
-                                                    args.grpo.kl_coef)  # (b, T)
+                                                    args.grpo.kl_coef * (args.grpo.kl_in == "loss"),
+                                                    args.grpo.kl_estimator)  # (b, T)
                     loss = aggregate_loss(per_token, mask[micro], args.grpo.loss_type, args.mini_batch_size,
                                           num_tokens, args.response_length)
                     accelerator.backward(loss)

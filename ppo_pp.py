@@ -23,28 +23,33 @@ Where this file departs from the summarize_from_feedback_details code (and the a
    the policy's, since h <= len-1 leaves it at least one token.
 """
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import ClassVar, Literal, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
 from common.config import BaseArgs, parse_args
 from common.generation import (entropy_from_logits, logprobs_from_logits, position_ids_from_mask,
-                               response_logits, truncate_after_eos)
-from common.models import load_reward_model
-from common.resets import build_reset_states, sample_rollin_lengths, splice_reset_responses
-from common.run import (end_iteration, finish_run, iterations, logprobs_of, rollout, sample_prompts,
+                               response_logits)
+from common.models import add_lora, enable_gradient_checkpointing, load_reward_model
+from common.resets import sample_rollin_lengths
+from common.run import (end_iteration, finish_run, iterations, logprobs_of, reset_rollout, rollout, sample_prompts,
                         save_on_failure, setup_run, start_training)
-from common.training import make_optimizer, masked_mean, micro_batches, minibatches, optimizer_step
+from common.training import kl_per_token, make_optimizer, masked_mean, micro_batches, minibatches, optimizer_step
 
 
 @dataclass
 class PPOHParams:
     reset_prob: float = 0.5
     """beta: probability that a sample starts from a reset to a reference-policy state (0: plain PPO)"""
+    max_rollin_fraction: float = 1.0
+    """a roll-in forces h ~ Uniform{1..f (len-1)} tokens, f this fraction (1: the authors' Uniform{1..len-1})"""
     kl_coef: float = 0.05
-    """weight of the k1 KL estimate (log pi - log ref) subtracted from every token's reward"""
+    """weight of the per-token KL estimate to the reference"""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """per-token estimate: k1 = log pi/ref, k2 = (log pi/ref)^2 / 2, k3 = ref/pi - 1 - log ref/pi (benchmark/README)"""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """where the estimate goes: subtracted from each token's reward (the authors'), or added to the loss (as GRPO)"""
     missing_eos_penalty: Optional[float] = -1.0
     """score given to a response with no EOS in --response_length tokens (None: keep its score)"""
     gamma: float = 1.0
@@ -61,7 +66,8 @@ class PPOHParams:
     """value model's initial weights (hub id or folder); default: --reward_model if given, else --model_name
     with a zeroed scalar head"""
     ranges: ClassVar[dict] = dict(kl_coef=">= 0", gamma="in [0, 1]", lam="in [0, 1]", cliprange="> 0",
-                                  cliprange_value="> 0", vf_coef=">= 0", reset_prob="in [0, 1]")
+                                  cliprange_value="> 0", vf_coef=">= 0", reset_prob="in [0, 1]",
+                                  max_rollin_fraction="in [0, 1]")
 
 
 @dataclass
@@ -69,16 +75,18 @@ class Args(BaseArgs):
     num_iterations: int = 12
     num_epochs: int = 2
     num_minibatches: int = 2
+    learning_rate: float = 1e-5
     prompts_per_iteration: int = 16
     micro_batch_size: int = 8
     ppo: PPOHParams = field(default_factory=PPOHParams)
 
 
 # ALGO LOGIC: per-token rewards with the KL penalty, GAE, masked whitening, clipped policy and value losses
-def per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float):
-    """r_t = -kl_coef * (lp_t - ref_t) on the masked tokens, plus the score on each row's last masked token: (B, T)."""
+def per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float, kl_estimator: str = "k1"):
+    """r_t = -kl_coef * k_t (k1_t = lp_t - ref_t) on the masked tokens, plus the score on each row's last masked
+    token: (B, T)."""
     mask = mask.float()
-    rewards = -kl_coef * (logprobs - ref_logprobs) * mask  # (B, T)
+    rewards = -kl_coef * kl_per_token(logprobs, ref_logprobs, kl_estimator) * mask  # (B, T)
     last = mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)  # (B,) index of the last masked token
     rewards[torch.arange(len(scores), device=scores.device), last] += scores
     return rewards
@@ -101,12 +109,13 @@ def compute_gae(rewards, values, mask, gamma: float, lam: float):
     return advantages, advantages + values
 
 
-def masked_whiten(x, mask, eps: float = 1e-8):
-    """(x - mean) / std over the entries where `mask` is True (std with Bessel's correction), 0 elsewhere: (B, T)."""
+def masked_whiten(x, mask, sum_processes=lambda t: t, eps: float = 1e-8):
+    """(x - mean) / std over the entries where `mask` is True (std with Bessel's correction), 0 elsewhere: (B, T).
+    `sum_processes` sums a statistic over processes: mean and std are then those of the whole batch."""
     mask = mask.float()
-    n = mask.sum()
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
+    n = sum_processes(mask.sum())
+    mean = sum_processes((x * mask).sum()) / n
+    var = sum_processes((((x - mean) * mask) ** 2).sum()) / (n - 1).clamp(min=1)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -132,9 +141,10 @@ class PolicyAndValue(nn.Module):
     def forward(self, query_responses, attention_mask, response_length: int):
         """Logits (B, T, V) predicting each response token, and values (B, T) of the states they are chosen in."""
         logits = response_logits(self.policy, query_responses, attention_mask, response_length)
-        hidden = self.value_model.base_model(input_ids=query_responses, attention_mask=attention_mask, use_cache=False,
-                                             position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
-        values = self.value_model.score(hidden[:, -response_length - 1: -1]).squeeze(-1)  # (B, T)
+        value_model = getattr(self.value_model, "get_base_model", lambda: self.value_model)()  # unwrap LoRA's
+        hidden = value_model.base_model(input_ids=query_responses, attention_mask=attention_mask, use_cache=False,
+                                        position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+        values = value_model.score(hidden[:, -response_length - 1: -1]).squeeze(-1)  # (B, T)
         return logits, values.float()
 
 
@@ -150,6 +160,10 @@ if __name__ == "__main__":
     value_model = load_reward_model(value_source, device, torch.float32, tokenizer.pad_token_id, args.trust_remote_code)
     if value_source == args.model_name:
         nn.init.zeros_(value_model.score.weight)  # a fresh head: start every value at 0 rather than at random
+    if args.lora_r:  # its own adapters on its own frozen copy of the base; the score head trains in full
+        value_model = add_lora(value_model, args.lora_r, args.lora_alpha, args.lora_target_modules, ["score"])
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(value_model)
     model = PolicyAndValue(policy, value_model)
     optimizer, scheduler = make_optimizer(model, args)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -159,24 +173,17 @@ if __name__ == "__main__":
         for iteration in iterations(run, start_iteration):
             # 1. sample prompts
             batch, rows, queries, query_mask = sample_prompts(run, iteration)
-            # ALGO LOGIC: resets to the first h tokens of a reference-policy sample (own generator; beta = 0 skips this)
+            # ALGO LOGIC: resets to the first h tokens of a reference-policy sample (beta = 0 skips this)
             rollin = torch.zeros(len(batch), dtype=torch.long, device=device)  # (B,) roll-in lengths h, 0: the prompt
-            prefixes, states, state_mask = queries[:, :0], queries, query_mask
+            prefixes = queries[:, :0]  # (B, L) the responses whose first h tokens are forced
             if args.ppo.reset_prob > 0:
                 prefixes, _, prefix_lengths, _ = rollout(run, ref_model, queries, query_mask, args.temperature)
-                reset_rng = torch.Generator().manual_seed(int(np.random.default_rng(
-                    [args.seed, iteration, accelerator.process_index]).integers(2 ** 62)))
-                rollin = sample_rollin_lengths(prefix_lengths, args.ppo.reset_prob, reset_rng)  # (B,)
-                states, state_mask = build_reset_states(queries, query_mask, prefixes, rollin,
-                                                        tokenizer.pad_token_id)  # (B, P + max h)
+                rollin = sample_rollin_lengths(prefix_lengths, args.ppo.reset_prob, (args.seed, iteration, batch),
+                                               args.ppo.max_rollin_fraction)  # (B,) one generator per prompt
 
             # 2. generate, and 3. truncate at EOS: the policy continues each reset state; the roll-in goes back in front
-            responses = rollout(run, policy, states, state_mask, args.temperature,
-                                args.response_length - int(rollin.min()))[0]  # (B, T - min h)
-            responses, forced = splice_reset_responses(prefixes, rollin, responses, args.response_length,
-                                                       tokenizer.pad_token_id)  # (B, T), (B, T) roll-in tokens
-            responses, mask, lengths, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id,
-                                                                   tokenizer.pad_token_id)  # (B, T)
+            responses, mask, lengths, has_eos, forced = reset_rollout(
+                run, policy, queries, query_mask, prefixes, rollin, args.temperature)  # (B, T) each; forced: roll-in
             action_mask = mask & ~forced  # (B, T) tokens the policy chose: rewards, whitening and losses use only these
 
             # 4. score
@@ -198,21 +205,26 @@ if __name__ == "__main__":
                 old_logprobs, old_values, entropy = torch.cat(old_logprobs), torch.cat(old_values), torch.cat(entropy)
             ref_logprobs = logprobs_of(run, ref_model, query_responses, attention_mask)  # (B, T)
             # ALGO LOGIC: KL in the reward, score at the last token, GAE, advantages whitened over the chosen tokens
-            rewards = per_token_rewards(scores, old_logprobs, ref_logprobs, action_mask, args.ppo.kl_coef)  # (B, T)
+            kl_reward = args.ppo.kl_coef if args.ppo.kl_in == "reward" else 0.0  # else the loss holds the KL term
+            rewards = per_token_rewards(scores, old_logprobs, ref_logprobs, action_mask, kl_reward,
+                                        args.ppo.kl_estimator)  # (B, T)
             advantages, returns = compute_gae(rewards, old_values, action_mask, args.ppo.gamma, args.ppo.lam)  # (B, T)
-            advantages = masked_whiten(advantages, action_mask)  # (B, T)
+            advantages = masked_whiten(advantages, action_mask, lambda t: accelerator.reduce(t, "sum"))  # (B, T)
             kl = ((old_logprobs - ref_logprobs) * action_mask).sum(1)  # (B,) k1 summed over each response
 
             # 6. update
             stats = {"loss/policy": [], "loss/value": [], "policy/clipfrac": [], "policy/approxkl": [],
                      "val/clipfrac": [], "val/value_error": []}
             for mini in minibatches(args, device):
-                num_tokens = action_mask[mini].sum().clamp(min=1)
+                num_tokens = accelerator.reduce(action_mask[mini].sum().float(), "mean")  # the mean over processes
                 for micro in micro_batches(accelerator, model, mini, args.micro_batch_size):
                     logits, values = model(query_responses[micro], attention_mask[micro], args.response_length)
                     logprobs = logprobs_from_logits(logits, responses[micro], args.temperature)  # (b, T)
                     pg_loss = clipped_policy_loss(logprobs, old_logprobs[micro], advantages[micro],
                                                   args.ppo.cliprange)  # (b, T)
+                    if args.ppo.kl_in == "loss":  # the estimate differentiated on the sampled tokens
+                        pg_loss = pg_loss + args.ppo.kl_coef * kl_per_token(logprobs, ref_logprobs[micro],
+                                                                            args.ppo.kl_estimator)  # (b, T)
                     vf_loss = clipped_value_loss(values, old_values[micro], returns[micro],
                                                  args.ppo.cliprange_value)  # (b, T)
                     m = action_mask[micro]

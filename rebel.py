@@ -3,24 +3,24 @@
     python rebel.py                                   # embedded SmolLM2-135M + arithmetic, 2 CPU cores, ~13 min
     accelerate launch --config_file configs/ddp.yaml rebel.py --model_name Qwen/Qwen2.5-1.5B-Instruct --task gsm8k
 
-For each prompt, sample two responses y, y' from the current policy pi_t, score them, and regress
-the difference of their rewards with the difference of the policy's log-ratios to pi_t:
+For each prompt, sample two responses y, y' from the current policy pi_t, score them, and regress the difference
+of their rewards with the difference of the policy's log-ratios to pi_t:
     loss = mean over pairs of ((log pi(y)/pi_t(y) - log pi(y')/pi_t(y')) - eta (R(y) - R(y')))^2
-with sequence log-probs (sums over the real tokens) and R = score - kl_coef * sum_t (lp - lp_ref).
+with sequence log-probs (sums over the real tokens) and R = score - kl_coef * sum_t k_t (k1_t = lp_t - ref_t).
 No value model, no advantages, no clipping: a few epochs of least squares on each batch.
 
 Where this file departs from the paper and why:
 1. KL coefficient 0 by default (the authors used 0.05 on TL;DR): on a CPU-sized budget the policy barely moves
    from the reference, and with 0 no reference model is held in training (evaluation loads one for the KL).
-2. eta multiplies the reward difference, as in the authors' code (the paper divides the log-ratio
-   difference by it: same minimiser, same step size of pi_{t+1} ~ pi_t exp(eta r)). eta = 2, not 1: with
-   0/1 rewards a pair with one correct answer then asks for 2 nats, about one optimizer step at lr 3e-6.
+2. eta multiplies the reward difference, as in the authors' code (the paper divides the log-ratio difference by it:
+   same minimiser, same step size of pi_{t+1} ~ pi_t exp(eta r)). eta = 2, not 1: with 0/1 rewards a pair with
+   one correct answer then asks for 2 nats, about one optimizer step at lr 3e-6.
 3. Two epochs in one minibatch (the authors used 4 epochs and several minibatches): the first epoch
    runs before any optimizer step, so its log-probs are pi_t's and no extra forward pass is needed.
 4. No fixed score for responses without EOS (the authors' code gives them -1): a verifier scores them.
 """
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
@@ -28,7 +28,7 @@ from common.config import BaseArgs, parse_args
 from common.generation import forward_logprobs
 from common.run import (end_iteration, finish_run, iterations, logprobs_of, rollout, sample_prompts,
                         save_on_failure, setup_run, start_training)
-from common.training import make_optimizer, masked_mean, micro_batches, minibatches, optimizer_step
+from common.training import kl_per_token, make_optimizer, masked_mean, micro_batches, minibatches, optimizer_step
 
 
 @dataclass
@@ -36,7 +36,9 @@ class RebelHParams:
     eta: float = 2.0
     """eta: the log-ratio difference is regressed onto eta * (R(y) - R(y')) (the paper's eta; larger = larger steps)"""
     kl_coef: float = 0.0
-    """weight of the summed KL estimate sum_t (lp - lp_ref) in the reward R (0: no reference model in training)"""
+    """weight of the summed KL estimate sum_t k_t in the reward R (0: no reference model in training)"""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """per-token estimate: k1 = log pi/ref, k2 = (log pi/ref)^2 / 2, k3 = ref/pi - 1 - log ref/pi (benchmark/README)"""
     ranges: ClassVar[dict] = dict(eta="> 0", kl_coef=">= 0")
 
 
@@ -80,14 +82,13 @@ if __name__ == "__main__":
             # 4. score
             scores = run.score(rows, tokenizer.batch_decode(responses, skip_special_tokens=True)).to(device)  # (B,)
 
-            # 5. rewards and advantages: none, REBEL regresses the reward difference
-            # ALGO LOGIC: R = score - kl_coef * sum_t k1_t; pi_t's log-probs are the regression's reference point
+            # 5. rewards and advantages -- ALGO LOGIC: R = score - kl_coef * sum_t k_t, regressed as is (no advantages)
             query_responses = torch.cat([queries, responses], dim=1)  # (B, P+T): what the models read
             attention_mask = torch.cat([query_mask, mask.long()], dim=1)  # (B, P+T)
             old_logprobs = logprobs_of(run, policy, query_responses, attention_mask) if needs_old else \
                 torch.zeros(responses.shape, device=device)  # (B, T), else filled in by the first epoch
             ref_logprobs = logprobs_of(run, ref_model, query_responses, attention_mask)  # (B, T) or None
-            kl = ((old_logprobs - ref_logprobs) * mask).sum(1) if ref_logprobs is not None else torch.zeros_like(scores)
+            kl = (kl_per_token(old_logprobs, ref_logprobs, args.rebel.kl_estimator) * mask).sum(1)  # (B,)
             rewards = scores - args.rebel.kl_coef * kl  # (B,)
 
             # 6. update
@@ -111,8 +112,7 @@ if __name__ == "__main__":
 
             # 7. log and evaluate
             stats["objective/rlhf_reward"] = rewards.mean().item()
-            if ref_model is not None:
-                stats["objective/kl"] = kl.mean().item()
+            stats.update({"objective/kl": kl.mean().item()} if ref_model is not None else {})
             if end_iteration(run, stats, scores=scores, lengths=lengths, has_eos=has_eos, scheduler=scheduler,
                              episode=iteration * args.prompts_per_iteration * G, policy=policy, ref_model=ref_model):
                 break

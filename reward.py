@@ -62,7 +62,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
-from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
@@ -72,7 +71,7 @@ from common.errors import UserError
 from common.generation import generate, truncate_after_eos
 from common.models import EMBEDDED_MODEL, load_causal_lm, load_reward_model, load_tokenizer, resolve_model, save_model
 from common.rewards import VERIFIERS, encode_for_reward_model, reward_model_texts, score_with_verifier
-from common.run import param_checksum, peak_memory_gb, seed_everything
+from common.run import make_accelerator, param_checksum, peak_memory_gb, seed_everything
 from common.tasks import DataError, encode_prompts, load_preference_task, load_task
 from common.tracking import init_wandb, log_metrics
 from common.training import linear_schedule
@@ -101,6 +100,9 @@ class Args:
     start from"""
     trust_remote_code: bool = False
     """allow models whose code lives in their repository"""
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
+    """compute precision: auto = bf16 autocast on a GPU that supports it (weights and optimizer stay fp32, frozen
+    models load in bf16), or what `accelerate launch`'s config says; no = fp32 everywhere (always on CPU)"""
 
     # task and pairs
     task: str = "arith"
@@ -238,7 +240,7 @@ def preference_accuracy_and_loss(rewards_chosen, rewards_rejected):
 
 if __name__ == "__main__":
     args = parse_args(Args)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True lets torchrun/accelerate use gloo on CPU
+    accelerator = make_accelerator(args.mixed_precision)
     args.world_size = accelerator.num_processes
     args.local_batch_size = exact_div(args.batch_size, args.world_size, "--batch_size over processes")
     args.grad_accum_steps = exact_div(args.local_batch_size, args.micro_batch_size,

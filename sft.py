@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
-from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
@@ -45,7 +44,7 @@ from common.errors import UserError
 from common.evaluation import evaluate
 from common.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer, save_model
 from common.rewards import VERIFIERS, score_with_verifier
-from common.run import param_checksum, peak_memory_gb, seed_everything
+from common.run import make_accelerator, param_checksum, peak_memory_gb, seed_everything
 from common.tasks import DataError, encode_prompts, format_prompt, load_task
 from common.tracking import format_samples, init_wandb, log_metrics, write_samples
 from common.training import linear_schedule
@@ -70,6 +69,9 @@ class Args:
     """the causal LM to fine-tune: hub id or local folder (the default falls back to the packaged copy offline)"""
     trust_remote_code: bool = False
     """allow models whose code lives in their repository"""
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
+    """compute precision: auto = bf16 autocast on a GPU that supports it (weights and optimizer stay fp32, frozen
+    models load in bf16), or what `accelerate launch`'s config says; no = fp32 everywhere (always on CPU)"""
 
     # task
     task: str = "arith"
@@ -178,7 +180,7 @@ def keep_fitting(tokenizer, rows, max_response_length: int, what: str):
 
 if __name__ == "__main__":
     args = parse_args(Args)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True lets torchrun/accelerate use gloo on CPU
+    accelerator = make_accelerator(args.mixed_precision)
     args.world_size = accelerator.num_processes
     args.local_batch_size = exact_div(args.batch_size, args.world_size, "--batch_size over processes")
     args.grad_accum_steps = exact_div(args.local_batch_size, args.micro_batch_size,

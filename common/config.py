@@ -40,17 +40,30 @@ class BaseArgs:
     """sequence-classification reward model (hub id or folder); default: the task's verifier"""
     trust_remote_code: bool = False
     """allow models whose code lives in their repository"""
+    lora_r: int = 0
+    """LoRA rank (0: train every weight). With LoRA only the adapters train, the reference policy is the policy
+    with its adapters disabled (no second copy), and model/ holds the adapters (peft)"""
+    lora_alpha: float = 32.0
+    """LoRA scale: the adapters' update is multiplied by lora_alpha / lora_r"""
+    lora_target_modules: str = "all-linear"
+    """the layers that get adapters: all-linear, or comma-separated module names (q_proj,v_proj)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass instead of storing them: less memory, about a third more compute"""
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
+    """compute precision: auto = bf16 autocast on a GPU that supports it (weights and optimizer stay fp32, frozen
+    models load in bf16), or what `accelerate launch`'s config says; no = fp32 everywhere (always on CPU)"""
 
     # task
-    task: Literal["arith", "gsm8k", "tldr", "hh"] = "arith"
-    """arith (embedded, offline, verifiable), gsm8k (verifiable), tldr or hh (these two need --reward_model)"""
+    task: Literal["arith", "chain2", "chain3", "chain4", "chain5", "gsm8k", "tldr", "hh"] = "arith"
+    """arith (embedded: one operation), chainN (embedded: N chained operations, worked step by step), gsm8k
+    (verifiable), tldr or hh (these two need --reward_model)"""
     data_files: Optional[str] = None
     """local .json/.jsonl/.parquet training file(s), comma-separated, with the task's hub columns"""
     eval_data_files: Optional[str] = None
     """local held-out file(s), same columns"""
     num_train_prompts: Optional[int] = None
     """use the first N training prompts (None: all)"""
-    num_eval_prompts: int = 250
+    num_eval_prompts: int = 100
     """held-out prompts evaluated"""
     max_prompt_length: int = 256
     """longest prompt in tokens; longer prompts are refused before training"""
@@ -62,7 +75,7 @@ class BaseArgs:
     """sampling temperature for evaluation (0: greedy)"""
 
     # batches and optimiser
-    num_iterations: int = 10
+    num_iterations: int = 8
     """training iterations (one batch of prompts each)"""
     max_train_seconds: float = 0.0
     """stop after the iteration that passes this many seconds of training (evaluation not counted), then
@@ -75,7 +88,7 @@ class BaseArgs:
     """optimizer steps per pass over the samples (each minibatch holds whole groups where the method has them)"""
     micro_batch_size: int = 16
     """sequences per forward/backward on one process (gradient accumulation fills the minibatch)"""
-    learning_rate: float = 1e-5
+    learning_rate: float = 2e-5
     """AdamW learning rate"""
     lr_schedule: Literal["linear", "constant"] = "constant"
     """learning-rate schedule over the optimizer steps"""
@@ -97,7 +110,7 @@ class BaseArgs:
         temperature=">= 0", eval_temperature=">= 0", num_iterations=">= 0", max_train_seconds=">= 0",
         prompts_per_iteration=">= 1", num_epochs=">= 1", num_minibatches=">= 1", micro_batch_size=">= 1",
         learning_rate="> 0", weight_decay=">= 0", max_grad_norm="> 0", eval_every=">= 0", eval_batch_size=">= 1",
-        eval_samples=">= 0", save_every=">= 0")
+        eval_samples=">= 0", save_every=">= 0", lora_r=">= 0", lora_alpha="> 0")
 
     # derived right after parsing (not flags)
     world_size: tyro.conf.Suppress[int] = 0

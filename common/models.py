@@ -98,13 +98,6 @@ def check_model(name: str, flag: str, trust_remote_code: bool = False, score_hea
     return config
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU that supports it, fp32 otherwise."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """Tokenizer with left padding and a pad token distinct from EOS where the vocabulary allows."""
     tokenizer = AutoTokenizer.from_pretrained(
@@ -151,8 +144,53 @@ def load_reward_model(name: str, device: torch.device, dtype: torch.dtype, pad_t
     return _no_dropout(model).to(device)
 
 
+def add_lora(model: nn.Module, r: int, alpha: float, target_modules: str, modules_to_save=None):
+    """Wrap `model` in LoRA adapters of rank `r` (peft): only the adapters (and `modules_to_save`, e.g. a value
+    model's score head) train; the base weights stay frozen. Dropout 0, like everything trained here."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = target_modules if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
+                        modules_to_save=modules_to_save, task_type=None)
+    return get_peft_model(model, config)
+
+
+class AdaptersOff(nn.Module):
+    """A LoRA model seen with its adapters disabled: the base model it started from, without a second copy.
+
+    Used as the frozen reference policy under --lora_r; it owns no parameters of its own.
+    """
+
+    def __init__(self, peft_model):
+        super().__init__()
+        object.__setattr__(self, "peft_model", peft_model)  # not a submodule: its parameters are the policy's
+
+    @property
+    def config(self):
+        return self.peft_model.config
+
+    def forward(self, *args, **kwargs):
+        training = self.peft_model.training
+        self.peft_model.eval()  # no gradients here: the KV cache, which gradient checkpointing switches off, works
+        with self.peft_model.disable_adapter():
+            out = self.peft_model(*args, **kwargs)
+        self.peft_model.train(training)
+        return out
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in the backward pass instead of storing them (less memory, about a third more
+    compute). The model is put in train mode (dropout is 0 here) so that the checkpointing applies."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()  # frozen embeddings (LoRA) still let gradients reach the layers
+    model.train()
+
+
 def save_model(model: nn.Module, tokenizer, out_dir: str) -> None:
-    """Write model and tokenizer with save_pretrained, so `from_pretrained(out_dir)` loads them."""
+    """Write model and tokenizer with save_pretrained, so `from_pretrained(out_dir)` loads them. A LoRA model
+    writes its adapters (peft's adapter_config.json and weights): `AutoModelForCausalLM.from_pretrained(out_dir)`
+    loads the base with them, and `PeftModel.from_pretrained(base, out_dir).merge_and_unload()` merges them."""
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

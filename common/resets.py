@@ -4,19 +4,42 @@ PPO++ takes the prefix from a reference-policy sample, DR-PO from the dataset's 
 The algorithm file decides where prefixes come from and how often; these helpers only
 build the tensors.
 """
+import numpy as np
 import torch
 
 
-def sample_rollin_lengths(prefix_lengths, reset_prob: float, generator: torch.Generator):
-    """h ~ Uniform{1..len-1} with probability `reset_prob`, else 0 (no reset): (B,) -> (B,).
+def sample_rollin_lengths(prefix_lengths, reset_prob: float, generator, max_fraction: float = 1.0):
+    """h ~ Uniform{1..m} with m = max(1, floor(max_fraction (len - 1))) with probability `reset_prob`, else 0 (no
+    reset): (B,) -> (B,). max_fraction 1 is the authors' Uniform{1..len-1}: at most all of the prefix but its last
+    token (the EOS); a smaller one forces only the prefix's first part.
 
-    A prefix of length <= 1 gives h = 0: there is nothing to force before its last token.
+    A prefix of length <= 1 gives h = 0: there is nothing to force before its last token. `generator` is a
+    torch.Generator, or (seed, iteration, row ids): each row then draws from its own generator, seeded by
+    the seed, the iteration and the row's id, so a row's roll-in does not depend on how the batch is split
+    over processes.
     """
     lengths = prefix_lengths.cpu()
-    u = torch.rand(lengths.shape, generator=generator)  # (B,)
-    h = 1 + (u * (lengths - 1).clamp(min=1).float()).long()  # uniform on {1..len-1}
-    reset = (torch.rand(lengths.shape, generator=generator) < reset_prob) & (lengths > 1)
+    if isinstance(generator, torch.Generator):
+        u, coin = torch.rand(lengths.shape, generator=generator), torch.rand(lengths.shape, generator=generator)
+    else:
+        seed, iteration, rows = generator
+        u, coin = torch.tensor(np.array([np.random.default_rng([seed, iteration, int(r)]).random(2) for r in rows]),
+                               dtype=torch.float32).reshape(-1, 2).T  # (B,) each
+    longest = ((lengths - 1).float() * max_fraction).long().clamp(min=1)  # (B,)
+    h = 1 + (u * longest.float()).long()  # uniform on {1..longest}
+    reset = (coin < reset_prob) & (lengths > 1)
     return torch.where(reset, h, torch.zeros_like(h)).to(prefix_lengths.device)
+
+
+def tokenize_demonstrations(tokenizer, rows, response_length: int):
+    """Every row's dataset response + EOS, cut to `response_length` tokens and right-padded: (N, T) ids and (N,)
+    lengths: the prefixes DR-PO's resets force."""
+    demos = [(tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+             [:response_length] for row in rows]
+    ids = torch.full((len(demos), response_length), tokenizer.pad_token_id, dtype=torch.long)  # (N, T)
+    for i, demo in enumerate(demos):
+        ids[i, :len(demo)] = torch.tensor(demo)
+    return ids, torch.tensor([len(demo) for demo in demos])
 
 
 def build_reset_states(query_ids, query_mask, prefix_ids, rollin_lengths, pad_token_id: int):

@@ -29,7 +29,9 @@ from common.config import BaseArgs, derive_batch_sizes
 from common.evaluation import evaluate, evaluate_samples, sample_scores
 from common.generation import batched_logprobs, generate, truncate_after_eos
 from common.errors import NonFiniteError, UserError
-from common.models import check_model, default_dtype, load_causal_lm, load_reward_model, load_tokenizer, save_model
+from common.resets import build_reset_states, splice_reset_responses
+from common.models import (AdaptersOff, add_lora, check_model, enable_gradient_checkpointing,
+                           load_causal_lm, load_reward_model, load_tokenizer, save_model)
 from common.rewards import VERIFIERS, score
 from common.tasks import VERIFIABLE, encode_prompts, load_task
 from common.tracking import init_wandb, log_metrics, report
@@ -58,6 +60,7 @@ class Run:
     generate_seconds: float = 0.0  # seconds from the iteration's start to the end of its last `rollout`
     train_seconds: float = 0.0  # seconds of training so far (evaluations not counted)
     ref_scores: Optional[torch.Tensor] = None  # (M,) the reference policy's held-out scores, for the win rate
+    lora_policy: object = None  # under --lora_r: the policy, whose adapters disabled give the reference
     ref_metrics: dict = field(default_factory=dict)
 
     @property
@@ -71,6 +74,22 @@ class Run:
     @property
     def samples_path(self):
         return os.path.join(self.run_dir, "eval_samples.jsonl")
+
+
+def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
+    """The run's Accelerator. `auto`: the precision an accelerate config or ACCELERATE_MIXED_PRECISION names, else
+    bf16 autocast on a GPU that supports it, else none (CPU: fp32, behaviour unchanged). cpu=True where there is
+    no GPU lets torchrun/accelerate use gloo on CPU."""
+    cuda = torch.cuda.is_available()
+    if mixed_precision == "auto":
+        bf16 = cuda and torch.cuda.is_bf16_supported()
+        mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or ("bf16" if bf16 else "no")
+    return Accelerator(cpu=not cuda, mixed_precision=mixed_precision)
+
+
+def frozen_dtype(accelerator) -> torch.dtype:
+    """The dtype of frozen models (reference, reward): bf16 under bf16 mixed precision, else fp32."""
+    return torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
 
 
 def seed_everything(seed: int) -> None:
@@ -140,7 +159,7 @@ def setup_run(args: BaseArgs, samples_per_prompt: int, group_size: int = 1, refe
     The run folder is new ({exp_name}__{seed}__{time}), or with --resume_from the checkpoint's own,
     its logs cut back to the checkpoint. Returns (run, policy, ref_model), ref_model None unless `reference`.
     """
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True lets torchrun/accelerate use gloo on CPU
+    accelerator = make_accelerator(args.mixed_precision)
     derive_batch_sizes(args, accelerator.num_processes, samples_per_prompt, group_size)
     seed_everything(args.seed + accelerator.process_index * 100003)
     device = accelerator.device
@@ -174,7 +193,7 @@ def setup_run(args: BaseArgs, samples_per_prompt: int, group_size: int = 1, refe
     reward_model = reward_tokenizer = None
     if args.reward_model is not None:
         reward_tokenizer = load_tokenizer(args.reward_model, args.trust_remote_code)
-        reward_model = load_reward_model(args.reward_model, device, default_dtype(device),
+        reward_model = load_reward_model(args.reward_model, device, frozen_dtype(accelerator),
                                          reward_tokenizer.pad_token_id, args.trust_remote_code).eval()
     verifier = VERIFIERS.get(args.task)
 
@@ -189,13 +208,20 @@ def setup_run(args: BaseArgs, samples_per_prompt: int, group_size: int = 1, refe
               wandb_run=wandb_run)
     # the policy trains in fp32 (mixed precision on GPU through accelerate); frozen models in bf16 where supported
     policy = load_causal_lm(args.model_name, device, torch.float32, args.trust_remote_code)
+    if args.lora_r:
+        policy = run.lora_policy = add_lora(policy, args.lora_r, args.lora_alpha, args.lora_target_modules)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(policy)
     return run, policy, load_frozen_policy(run) if reference else None
 
 
 def load_frozen_policy(run: Run):
-    """A frozen copy of the starting policy (`--model_name`), in bf16 where the device supports it."""
+    """A frozen copy of the starting policy (`--model_name`), in bf16 where the device supports it; under --lora_r
+    the policy itself with its adapters disabled (no second copy)."""
     args = run.args
-    return load_causal_lm(args.model_name, run.device, default_dtype(run.device), args.trust_remote_code).eval()
+    if run.lora_policy is not None:
+        return AdaptersOff(run.lora_policy)
+    return load_causal_lm(args.model_name, run.device, frozen_dtype(run.accelerator), args.trust_remote_code).eval()
 
 
 def evaluate_policy(run: Run, model, ref_model=None, with_kl: bool = True):
@@ -263,7 +289,7 @@ def training_prompt_scores(run: Run, model, num_samples: int, cache_dir: str):
     same settings loads them and skips the sampling. A local model folder changed in place is not
     detected (delete the cache). Returns (P, num_samples) scores on CPU and the seconds the sampling took.
     """
-    args, accelerator, device = run.args, run.accelerator, run.device
+    args, accelerator = run.args, run.accelerator
     prompts_digest = hashlib.sha256(json.dumps([r["prompt"] for r in run.train_rows]).encode()).hexdigest()
     key = {"model": args.model_name, "reward_model": args.reward_model, "task": args.task,
            "data_files": args.data_files, "num_prompts": len(run.train_rows), "prompts": prompts_digest,
@@ -276,7 +302,17 @@ def training_prompt_scores(run: Run, model, num_samples: int, cache_dir: str):
             cached = json.load(f)
         accelerator.print(f"[{args.exp_name}] loaded the cached rewards of {num_samples} samples per prompt "
                           f"from {path}")
-        return torch.tensor(cached["rewards"]), cached.get("seconds", float("nan"))  # the seconds when sampled
+        scores, seconds = torch.tensor(cached["rewards"]), cached.get("seconds", float("nan"))  # seconds when sampled
+    else:
+        scores, seconds = _sample_training_prompt_scores(run, model, num_samples, path, key, cache_dir)
+    accelerator.print(f"[{args.exp_name}] mean score {scores.mean():.3f}; "
+                      f"{int((scores <= 0).all(dim=1).sum())} of {len(scores)} prompts never solved")
+    return scores, seconds
+
+
+def _sample_training_prompt_scores(run: Run, model, num_samples: int, path: str, key: dict, label: str):
+    """training_prompt_scores' sampling (progress bar `label`), gathering and atomic caching."""
+    args, accelerator, device = run.args, run.accelerator, run.device
     start = time.time()
     mine = slice(accelerator.process_index, None, args.world_size)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast():
@@ -284,7 +320,7 @@ def training_prompt_scores(run: Run, model, num_samples: int, cache_dir: str):
         local = sample_scores(model, run.tokenizer, run.train_rows[mine], run.train_ids[mine].to(device),
                               run.train_mask[mine].to(device), score_fn=run.score, num_samples=num_samples,
                               response_length=args.response_length, temperature=args.temperature,
-                              batch_size=args.eval_batch_size, progress=accelerator.is_main_process and cache_dir)
+                              batch_size=args.eval_batch_size, progress=accelerator.is_main_process and label)
     scores = gather_strided(accelerator, local, len(run.train_rows)).cpu()  # (P, num_samples) in prompt order
     seconds = time.time() - start
     if accelerator.is_main_process:
@@ -367,6 +403,21 @@ def rollout(run: Run, model, queries, query_mask, temperature: float, response_l
                              tokenizer.pad_token_id, tokenizer.eos_token_id)  # (B, T)
     run.generate_seconds = time.time() - run.iteration_start
     return truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def reset_rollout(run: Run, model, queries, query_mask, prefixes, rollin, temperature: float):
+    """Rollouts that restart from reset states: each query plus the first h = `rollin` (B,) tokens of its row of
+    `prefixes` (B, L) forced, then the policy's continuation, cut after its first EOS (h = 0: from the prompt).
+
+    Returns responses (roll-in + continuation), their mask (B, T), lengths and has_eos (B,), and `forced`
+    (B, T): the roll-in tokens, which the policy did not choose.
+    """
+    tokenizer, args = run.tokenizer, run.args
+    states, state_mask = build_reset_states(queries, query_mask, prefixes, rollin, tokenizer.pad_token_id)
+    continuations = rollout(run, model, states, state_mask, temperature, args.response_length - int(rollin.min()))[0]
+    responses, forced = splice_reset_responses(prefixes, rollin, continuations, args.response_length,
+                                               tokenizer.pad_token_id)  # (B, T), (B, T)
+    return (*truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id), forced)
 
 
 def logprobs_of(run: Run, model, query_responses, attention_mask):

@@ -12,6 +12,16 @@ def masked_mean(x, mask) -> float:
     return (x.detach() * mask).sum().item() / max(mask.sum().item(), 1.0)
 
 
+def kl_per_token(logprobs, ref_logprobs, estimator: str):
+    """Schulman's per-token estimates of KL(pi || ref) on tokens sampled from pi, with x = log ref - log pi:
+    k1 = -x, k2 = x^2 / 2, k3 = exp(x) - 1 - x (k3 >= 0). (B, T) -> (B, T); zeros when `ref_logprobs` is None.
+    Which give the KL's gradient in the reward and which in the loss: benchmark/kl_estimators.py."""
+    if ref_logprobs is None:
+        return torch.zeros_like(logprobs)
+    x = ref_logprobs - logprobs
+    return {"k1": -x, "k2": 0.5 * x ** 2, "k3": torch.expm1(x) - x}[estimator]
+
+
 def make_optimizer(model, args):
     """AdamW over `model`'s parameters (--learning_rate, --weight_decay, eps 1e-8) and the --lr_schedule over
     --num_iterations x --num_epochs x --num_minibatches optimizer steps. Returns (optimizer, scheduler)."""

@@ -1,0 +1,54 @@
+"""LoRA (--lora_r): the reference is the policy with its adapters disabled, and what a LoRA run saves reloads."""
+import glob
+import os
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import run_script
+from common.generation import forward_logprobs
+from common.models import AdaptersOff, add_lora, load_causal_lm
+
+
+def test_reference_by_disabled_adapters_equals_a_separate_reference(tiny_model_dir, tokenizer):
+    torch.manual_seed(0)
+    policy = add_lora(load_causal_lm(tiny_model_dir, torch.device("cpu"), torch.float32), 4, 32.0, "all-linear")
+    with torch.no_grad():  # trained-looking adapters: lora_B starts at 0, which would make the test vacuous
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    reference = load_causal_lm(tiny_model_dir, torch.device("cpu"), torch.float32)
+    ids = torch.randint(5, 1000, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded row
+    with torch.no_grad():
+        separate = forward_logprobs(reference, ids, mask, 6, 1.0)
+        disabled = forward_logprobs(AdaptersOff(policy), ids, mask, 6, 1.0)
+        adapted = forward_logprobs(policy, ids, mask, 6, 1.0)
+    assert torch.allclose(disabled, separate, atol=1e-5)
+    assert (adapted - separate).abs().max() > 1e-3  # the adapters do change the policy
+    assert sum(p.numel() for p in AdaptersOff(policy).parameters()) == 0  # no second copy
+
+
+def test_a_lora_run_saves_adapters_that_load_and_merge(tiny_model_dir, tiny_reward_dir, tmp_path):
+    from peft import PeftModel
+
+    for script in ("grpo.py", "drpo.py"):
+        run_script([sys.executable, script, "--model_name", tiny_model_dir, "--reward_model", tiny_reward_dir,
+                    "--lora_r", "4", "--gradient_checkpointing",
+                    "--num_iterations", "1", "--prompts_per_iteration", "4", "--micro_batch_size", "2",
+                    "--response_length", "8", "--num_eval_prompts", "4", "--eval_batch_size", "4",
+                    "--num_train_prompts", "16", "--output_dir", str(tmp_path), "--learning_rate", "1e-2",
+                    *(["--grpo.num_generations", "2"] if script == "grpo.py" else [])])
+        out = glob.glob(os.path.join(tmp_path, f"{script[:-3]}__1__*", "model"))[0]
+        assert os.path.exists(os.path.join(out, "adapter_config.json"))
+        ids = torch.randint(5, 1000, (2, 10))
+        loaded = AutoModelForCausalLM.from_pretrained(out)  # transformers loads the base with the adapters
+        merged = PeftModel.from_pretrained(load_causal_lm(tiny_model_dir, torch.device("cpu"), torch.float32),
+                                           out).merge_and_unload()
+        base = load_causal_lm(tiny_model_dir, torch.device("cpu"), torch.float32)
+        with torch.no_grad():
+            a, b, c = loaded(ids).logits, merged(ids).logits, base(ids).logits
+        assert torch.allclose(a, b, atol=1e-4)
+        assert (a - c).abs().max() > 1e-4  # training moved the adapters
