@@ -273,7 +273,10 @@ if __name__ == "__main__":
                 start_time = time.time()
                 mine = order[batch_start: batch_start + args.batch_size][accelerator.process_index:: args.world_size]
                 batch = [train_examples[i] for i in mine]
-                num_tokens = sum(len(response) for _, response in batch)  # the minibatch's loss normaliser
+                # the loss normaliser: the minibatch's response tokens, averaged over processes (DDP averages the
+                # gradients, so the whole batch's token mean results whatever the number of processes)
+                num_tokens = accelerator.reduce(torch.tensor(float(sum(len(r) for _, r in batch)), device=device),
+                                                "mean").item()
                 loss_sum, trained_tokens = 0.0, 0
                 for k in range(args.grad_accum_steps):
                     micro = batch[k * args.micro_batch_size: (k + 1) * args.micro_batch_size]

@@ -1,7 +1,8 @@
 """Gradients that do not depend on how the batch is cut: the first update of every algorithm file on the packaged
 SmolLM2-135M (CPU, fixed seed, one fixed batch of rollouts) is the same, to floating-point tolerance, for micro-batch
 sizes 1, 2, 4 and the whole minibatch, and for 1 and 2 processes (gloo), for every loss aggregation it offers
-(GRPO's three, and a KL term in the loss for GRPO and PPO).
+(GRPO's three, and a KL term in the loss for GRPO and PPO); and sft.py's and reward.py's one optimizer step on fixed
+data, for the same micro-batch sizes and process counts.
 
 Not invariant by design, and so not tested: REBEL with micro-batches of 1 (a micro-batch holds whole pairs, the
 regression compares the two responses of a prompt). The PPO family whitens advantages over the whole batch of every
@@ -35,6 +36,10 @@ FILES = {
     "ppo_pp": ("ppo_pp.py", ["--ppo.reset_prob", "0.5"], [1, 2, 4]),
     "drpo": ("drpo.py", ["--ppo.reset_prob", "0.5"], [1, 2, 4]),
     "rebel": ("rebel.py", [], [2, 4, 8]),
+    # sft.py and reward.py: one optimizer step on fixed data (no sampling); their flags replace COMMON
+    "sft": ("sft.py", ["--num_train_rows", "8", "--batch_size", "8", "--max_response_length", "16"], [1, 2, 4, 8]),
+    "reward": ("reward.py", ["--pairs", "dataset", "--num_train_prompts", "8", "--batch_size", "4", "--epochs", "1",
+                             "--max_length", "96"], [1, 2, 4]),
     "apo": ("apo.py", ["--apo.num_samples", "2"], [1, 2, 4]),
 }
 
@@ -57,7 +62,9 @@ def gradients_of(script_key, reward_dir, out):
     jobs = []
     for port, key in enumerate(keys):  # a process per key (models are not freed between configurations)
         script, flags, micros = FILES[key]
-        run_flags = [*COMMON, "--reward_model", reward_dir, "--output_dir", str(out / script_key), *flags]
+        run_flags = [*COMMON, "--reward_model", reward_dir] if key not in ("sft", "reward") else [
+            "--model_name", EMBEDDED_MODEL, "--num_eval_prompts", "2", "--eval_batch_size", "2"]
+        run_flags += ["--output_dir", str(out / script_key), *flags]
         configs = []
         for m in [micros[-1], *micros[:-1]]:  # the whole minibatch first: the file's first one records the batch
             configs += ["--", f"{key}@{m}", script, *run_flags, "--micro_batch_size", str(m)]
