@@ -69,7 +69,8 @@ from common.checkpoints import start_run_dir
 from common.config import exact_div, parse_args
 from common.errors import UserError
 from common.generation import generate, truncate_after_eos
-from common.models import EMBEDDED_MODEL, load_causal_lm, load_reward_model, load_tokenizer, resolve_model, save_model
+from common.models import (EMBEDDED_MODEL, add_lora, enable_gradient_checkpointing, load_causal_lm, load_reward_model,
+                           load_tokenizer, merge_lora, resolve_model, save_model)
 from common.rewards import VERIFIERS, encode_for_reward_model, reward_model_texts, score_with_verifier
 from common.run import make_accelerator, param_checksum, peak_memory_gb, seed_everything
 from common.tasks import DataError, encode_prompts, load_preference_task, load_task
@@ -100,6 +101,14 @@ class Args:
     start from"""
     trust_remote_code: bool = False
     """allow models whose code lives in their repository"""
+    lora_r: int = 0
+    """LoRA rank (0: train every weight). With LoRA only the adapters train; model/ holds them merged into the base"""
+    lora_alpha: float = 32.0
+    """LoRA scale: the adapters' update is multiplied by lora_alpha / lora_r"""
+    lora_target_modules: str = "all-linear"
+    """the layers that get adapters: all-linear, or comma-separated module names (q_proj,v_proj)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass instead of storing them: less memory, about a third more compute"""
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
     """compute precision: auto = bf16 autocast on a GPU that supports it (weights and optimizer stay fp32, frozen
     models load in bf16), or what `accelerate launch`'s config says; no = fp32 everywhere (always on CPU)"""
@@ -354,6 +363,10 @@ if __name__ == "__main__":
     # ends
     model = load_reward_model(args.model_name, device, torch.float32, tokenizer.pad_token_id, args.trust_remote_code)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if args.lora_r:  # adapters on the LM, the new score head trained in full
+        model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules, ["score"])
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     steps_per_epoch = len(train_pairs) // args.batch_size  # the last partial batch of each epoch is dropped
     total_steps = args.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, eps=1e-8)
@@ -440,7 +453,8 @@ if __name__ == "__main__":
                                  acc=f"{metrics['train/preference_accuracy']:.2f}", s_it=f"{seconds:.1f}")
     except BaseException:
         if accelerator.num_processes == 1:  # keep what was trained; several processes cannot agree on this safely
-            save_model(accelerator.unwrap_model(model), tokenizer, os.path.join(run_dir, "model_interrupted"))
+            save_model(merge_lora(accelerator.unwrap_model(model)), tokenizer,
+                       os.path.join(run_dir, "model_interrupted"))
             print(f"[reward] stopped early: the current model is saved in {run_dir}/model_interrupted")
         raise
     pbar.close()
@@ -449,7 +463,7 @@ if __name__ == "__main__":
     # 5. evaluation after training, then the normalisation: mean and std of the raw reward on the training pairs'
     # responses
     after, scored = run_evaluation()
-    net = accelerator.unwrap_model(model)
+    net = merge_lora(accelerator.unwrap_model(model))  # a plain model from here on (LoRA merged)
     if args.normalize:
         reference = train_pairs[: args.num_normalize_pairs][accelerator.process_index:: args.world_size]
         local = []

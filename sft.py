@@ -42,7 +42,8 @@ from common.checkpoints import start_run_dir
 from common.config import exact_div, parse_args
 from common.errors import UserError
 from common.evaluation import evaluate
-from common.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer, save_model
+from common.models import (EMBEDDED_MODEL, add_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer,
+                           merge_lora, save_model)
 from common.rewards import VERIFIERS, score_with_verifier
 from common.run import make_accelerator, param_checksum, peak_memory_gb, seed_everything
 from common.tasks import DataError, encode_prompts, format_prompt, load_task
@@ -69,6 +70,14 @@ class Args:
     """the causal LM to fine-tune: hub id or local folder (the default falls back to the packaged copy offline)"""
     trust_remote_code: bool = False
     """allow models whose code lives in their repository"""
+    lora_r: int = 0
+    """LoRA rank (0: train every weight). With LoRA only the adapters train; model/ holds them merged into the base"""
+    lora_alpha: float = 32.0
+    """LoRA scale: the adapters' update is multiplied by lora_alpha / lora_r"""
+    lora_target_modules: str = "all-linear"
+    """the layers that get adapters: all-linear, or comma-separated module names (q_proj,v_proj)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass instead of storing them: less memory, about a third more compute"""
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
     """compute precision: auto = bf16 autocast on a GPU that supports it (weights and optimizer stay fp32, frozen
     models load in bf16), or what `accelerate launch`'s config says; no = fp32 everywhere (always on CPU)"""
@@ -214,6 +223,10 @@ if __name__ == "__main__":
     if context > getattr(model.config, "max_position_embeddings", context):
         raise UserError(f"--max_prompt_length + --max_response_length = {context} exceeds the model's context "
                          f"({model.config.max_position_embeddings} tokens); lower one of them")
+    if args.lora_r:
+        model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     steps_per_epoch = len(train_examples) // args.batch_size  # the last partial batch of each epoch is dropped
     total_steps = args.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, eps=1e-8)
@@ -310,7 +323,8 @@ if __name__ == "__main__":
                 pbar.set_postfix(loss=f"{loss:.3f}", s_it=f"{seconds:.1f}")
     except BaseException:
         if accelerator.num_processes == 1:  # keep what was trained; several processes cannot agree on this safely
-            save_model(accelerator.unwrap_model(model), tokenizer, os.path.join(run_dir, "model_interrupted"))
+            save_model(merge_lora(accelerator.unwrap_model(model)), tokenizer,
+                       os.path.join(run_dir, "model_interrupted"))
             print(f"[sft] stopped early: the current model is saved in {run_dir}/model_interrupted")
         raise
     pbar.close()
@@ -323,7 +337,7 @@ if __name__ == "__main__":
     report(step, after, samples)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, os.path.join(run_dir, "model"))
+        save_model(merge_lora(accelerator.unwrap_model(model)), tokenizer, os.path.join(run_dir, "model"))
         summary = "  ".join(f"{k.split('/')[1]} {before[k]:.3f} -> {after[k]:.3f}"
                             for k in ("eval/loss", "eval/accuracy") if k in after)
         print(f"[sft] before -> after on {num_eval} held-out demonstrations: {summary}\n"

@@ -178,6 +178,12 @@ class AdaptersOff(nn.Module):
         return out
 
 
+def merge_lora(model: nn.Module) -> nn.Module:
+    """A LoRA model with its adapters merged into the base weights (a plain transformers model, which loads
+    wherever a model is named); any other model as it is."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute activations in the backward pass instead of storing them (less memory, about a third more
     compute). The model is put in train mode (dropout is 0 here) so that the checkpointing applies."""

@@ -22,25 +22,27 @@ from conftest import ROOT
 from common.models import EMBEDDED_MODEL
 
 TOLERANCE = 2e-4  # relative L2 error; fp32 noise of a 30-layer model over different batch shapes is ~1e-5
-COMMON = ["--model_name", EMBEDDED_MODEL, "--num_iterations", "1", "--prompts_per_iteration", "4",
-          "--response_length", "12", "--num_eval_prompts", "2", "--eval_batch_size", "2", "--eval_samples", "0",
-          "--num_train_prompts", "16", "--num_epochs", "1", "--num_minibatches", "1"]
-# file, its own flags, sequences per iteration, micro-batch sizes (the last: the whole minibatch)
+COMMON = ["--model_name", EMBEDDED_MODEL, "--num_iterations", "1", "--response_length", "12", "--num_eval_prompts",
+          "2", "--eval_batch_size", "2", "--eval_samples", "0", "--num_train_prompts", "16", "--num_epochs", "1",
+          "--num_minibatches", "1"]
+GRPO = ["--prompts_per_iteration", "2", "--grpo.num_generations", "4"]  # 8 sequences
+P4 = ["--prompts_per_iteration", "4"]
+# file, its own flags, micro-batch sizes (the last: the whole minibatch)
 FILES = {
-    "grpo-grpo": ("grpo.py", ["--grpo.num_generations", "4", "--grpo.loss_type", "grpo"], [1, 2, 4, 16]),
-    "grpo-bnpo": ("grpo.py", ["--grpo.num_generations", "4", "--grpo.loss_type", "bnpo"], [1, 2, 4, 16]),
-    "grpo-dr_grpo": ("grpo.py", ["--grpo.num_generations", "4", "--grpo.loss_type", "dr_grpo"], [1, 2, 4, 16]),
-    "grpo-kl": ("grpo.py", ["--grpo.num_generations", "4", "--grpo.kl_coef", "0.1"], [1, 2, 4, 16]),
-    "ppo-klloss": ("ppo.py", ["--ppo.kl_in", "loss", "--ppo.kl_estimator", "k3"], [1, 2, 4]),
-    "ppo": ("ppo.py", [], [1, 2, 4]),
-    "ppo_pp": ("ppo_pp.py", ["--ppo.reset_prob", "0.5"], [1, 2, 4]),
-    "drpo": ("drpo.py", ["--ppo.reset_prob", "0.5"], [1, 2, 4]),
-    "rebel": ("rebel.py", [], [2, 4, 8]),
+    "grpo-grpo": ("grpo.py", [*GRPO, "--grpo.loss_type", "grpo"], [1, 2, 4, 8]),
+    "grpo-bnpo": ("grpo.py", [*GRPO, "--grpo.loss_type", "bnpo"], [1, 2, 4, 8]),
+    "grpo-dr_grpo": ("grpo.py", [*GRPO, "--grpo.loss_type", "dr_grpo"], [1, 2, 4, 8]),
+    "grpo-kl": ("grpo.py", [*GRPO, "--grpo.kl_coef", "0.1"], [1, 2, 4, 8]),
+    "ppo-klloss": ("ppo.py", [*P4, "--ppo.kl_in", "loss", "--ppo.kl_estimator", "k3"], [1, 2, 4]),
+    "ppo": ("ppo.py", P4, [1, 2, 4]),
+    "ppo_pp": ("ppo_pp.py", [*P4, "--ppo.reset_prob", "0.5"], [1, 2, 4]),
+    "drpo": ("drpo.py", [*P4, "--ppo.reset_prob", "0.5"], [1, 2, 4]),
+    "rebel": ("rebel.py", P4, [2, 4, 8]),
     # sft.py and reward.py: one optimizer step on fixed data (no sampling); their flags replace COMMON
     "sft": ("sft.py", ["--num_train_rows", "8", "--batch_size", "8", "--max_response_length", "16"], [1, 2, 4, 8]),
     "reward": ("reward.py", ["--pairs", "dataset", "--num_train_prompts", "8", "--batch_size", "4", "--epochs", "1",
                              "--max_length", "96"], [1, 2, 4]),
-    "apo": ("apo.py", ["--apo.num_samples", "2"], [1, 2, 4]),
+    "apo": ("apo.py", [*P4, "--apo.num_samples", "2"], [1, 2, 4]),
 }
 
 

@@ -52,3 +52,26 @@ def test_a_lora_run_saves_adapters_that_load_and_merge(tiny_model_dir, tiny_rewa
             a, b, c = loaded(ids).logits, merged(ids).logits, base(ids).logits
         assert torch.allclose(a, b, atol=1e-4)
         assert (a - c).abs().max() > 1e-4  # training moved the adapters
+
+
+def test_sft_and_reward_with_lora_save_merged_models(tiny_model_dir, tiny_reward_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    run_script([sys.executable, "sft.py", "--model_name", tiny_model_dir, "--lora_r", "4", "--gradient_checkpointing",
+                "--num_train_rows", "8", "--batch_size", "4", "--micro_batch_size", "2", "--num_eval_prompts", "4",
+                "--learning_rate", "1e-2", "--output_dir", str(tmp_path)])
+    run_script([sys.executable, "reward.py", "--model_name", tiny_reward_dir, "--lora_r", "4", "--pairs", "dataset",
+                "--num_train_prompts", "8", "--batch_size", "4", "--micro_batch_size", "2", "--num_eval_prompts", "4",
+                "--learning_rate", "1e-2", "--output_dir", str(tmp_path)])
+    sft_dir = glob.glob(os.path.join(tmp_path, "sft__1__*", "model"))[0]
+    reward_dir = glob.glob(os.path.join(tmp_path, "reward__1__*", "model"))[0]
+    for out in (sft_dir, reward_dir):  # merged: a plain model folder, loadable wherever a model is named
+        assert os.path.exists(os.path.join(out, "config.json"))
+        assert not os.path.exists(os.path.join(out, "adapter_config.json"))
+    ids = torch.randint(5, 1000, (2, 10))
+    with torch.no_grad():
+        moved = AutoModelForCausalLM.from_pretrained(sft_dir)(ids).logits
+        base = load_causal_lm(tiny_model_dir, torch.device("cpu"), torch.float32)(ids).logits
+    assert (moved - base).abs().max() > 1e-4
+    reward = AutoModelForSequenceClassification.from_pretrained(reward_dir)
+    assert hasattr(reward.config, "reward_mean")  # the normalisation survives the merge
