@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.evaluation import pass_at_k  # noqa: E402
 from common.generation import generate, truncate_after_eos  # noqa: E402
 from common.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer  # noqa: E402
-from common.resets import build_reset_states, splice_reset_responses  # noqa: E402
+from common.resets import build_reset_states, splice_reset_responses, tokenize_demonstrations  # noqa: E402
 from common.rewards import score_with_verifier, verify_chain  # noqa: E402
 from common.tasks import encode_prompts, load_task  # noqa: E402
 
@@ -75,12 +75,7 @@ def main(args: Args):
     for level in args.levels:
         rows = load_task(f"chain{level}", "test", None, args.num_prompts)
         ids, mask = encode_prompts(tokenizer, rows, 512, f"chain{level}")
-        demos = [tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-                 for r in rows]
-        demo_ids = torch.full((len(rows), args.response_length), tokenizer.pad_token_id, dtype=torch.long)
-        for i, demo in enumerate(demos):
-            demo_ids[i, :len(demo)] = torch.tensor(demo[:args.response_length])
-        lengths = torch.tensor([len(d) for d in demos])
+        demo_ids, lengths = tokenize_demonstrations(tokenizer, rows, args.response_length)  # (P, T), (P,)
         for depth in args.depths:
             rollin = (depth * (lengths - 1)).long()  # forced tokens: never the EOS, at most all but it
             greedy = complete(model, tokenizer, ids, mask, demo_ids, rollin, 1, 0.0, args.response_length,
