@@ -48,7 +48,7 @@ from common.rewards import VERIFIERS, score_with_verifier
 from common.run import make_accelerator, param_checksum, peak_memory_gb, seed_everything
 from common.tasks import DataError, encode_prompts, format_prompt, load_task
 from common.tracking import format_samples, init_wandb, log_metrics, write_samples
-from common.training import linear_schedule
+from common.training import adamw, linear_schedule
 
 
 @dataclass
@@ -229,7 +229,7 @@ if __name__ == "__main__":
         enable_gradient_checkpointing(model)
     steps_per_epoch = len(train_examples) // args.batch_size  # the last partial batch of each epoch is dropped
     total_steps = args.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, eps=1e-8)
+    optimizer = adamw(model, args.learning_rate, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(args.lr_schedule, total_steps))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     wandb_run = init_wandb(args.track and accelerator.is_main_process, args.wandb_project,
