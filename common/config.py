@@ -51,7 +51,12 @@ class BaseArgs:
     """recompute activations in the backward pass instead of storing them: less memory, about a third more compute"""
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
     """compute precision: auto = bf16 autocast on a GPU that supports it (weights and optimizer stay fp32, frozen
-    models load in bf16), or what `accelerate launch`'s config says; no = fp32 everywhere (always on CPU)"""
+    models load in bf16), or what `accelerate launch`'s config says; no = fp32 everywhere (auto's choice on CPU;
+    bf16 also works there: 1.5x faster on a CPU with AVX512-BF16, measured in benchmark/README.md)"""
+    sampler: Literal["auto", "plain", "static"] = "auto"
+    """how responses are sampled: static = transformers' generate with a static KV cache, compiled into CUDA
+    graphs on a GPU (prompts padded to a few lengths); plain = the loop in common/generation.py (finished rows
+    leave the batch, a group's prompt runs once); auto = static on a GPU, plain on CPU (faster there)"""
 
     # task
     task: Literal["arith", "chain2", "chain3", "chain4", "chain5", "gsm8k", "tldr", "hh"] = "arith"

@@ -27,6 +27,7 @@ from common.checkpoints import (checkpoint_iteration, latest_checkpoint, link_la
                                 start_run_dir)
 from common.config import BaseArgs, derive_batch_sizes
 from common.evaluation import evaluate, evaluate_samples, sample_scores
+from common import generation
 from common.generation import batched_logprobs, generate, truncate_after_eos
 from common.errors import NonFiniteError, UserError
 from common.resets import build_reset_states, splice_reset_responses
@@ -160,6 +161,7 @@ def setup_run(args: BaseArgs, samples_per_prompt: int, group_size: int = 1, refe
     its logs cut back to the checkpoint. Returns (run, policy, ref_model), ref_model None unless `reference`.
     """
     accelerator = make_accelerator(args.mixed_precision)
+    generation.SAMPLER["mode"] = args.sampler
     derive_batch_sizes(args, accelerator.num_processes, samples_per_prompt, group_size)
     seed_everything(args.seed + accelerator.process_index * 100003)
     device = accelerator.device

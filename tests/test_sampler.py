@@ -1,11 +1,13 @@
-"""The one sampler (common/generation.py) on the packaged SmolLM2-135M: greedy output equals transformers'
-`generate`, sampled tokens' log-probs equal the scoring pass's, and a group's shared prompt gives the same
-log-probs and gradients as running every row alone."""
+"""The one sampler (common/generation.py) on the packaged SmolLM2-135M, both ways (--sampler plain and static):
+greedy output equals transformers' `generate`, sampled tokens' log-probs equal the scoring pass's, prompt
+bucketing changes no output, the static way applies no sampling defaults of the model, and a group's shared
+prompt gives the same log-probs and gradients as running every row alone."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from common.generation import forward_logprobs, generate, truncate_after_eos
+from common import generation
+from common.generation import forward_logprobs, generate, generate_static, truncate_after_eos
 from common.models import EMBEDDED_MODEL, load_causal_lm
 from common.tasks import encode_prompts, load_task
 
@@ -23,7 +25,14 @@ def prompts(tokenizer):
     return ids.repeat_interleave(2, dim=0), mask.repeat_interleave(2, dim=0)
 
 
-def test_greedy_equals_transformers_generate(smollm, tokenizer, prompts):
+@pytest.fixture(params=["plain", "static"])
+def sampler(request, monkeypatch):
+    """The test runs once with each sampler (--sampler), whatever the device."""
+    monkeypatch.setitem(generation.SAMPLER, "mode", request.param)
+    return request.param
+
+
+def test_greedy_equals_transformers_generate(smollm, tokenizer, prompts, sampler):
     from transformers import GenerationConfig
 
     ids, mask = prompts
@@ -40,7 +49,7 @@ def test_greedy_equals_transformers_generate(smollm, tokenizer, prompts):
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.0])
-def test_sampled_logprobs_equal_the_scoring_pass(smollm, tokenizer, prompts, temperature):
+def test_sampled_logprobs_equal_the_scoring_pass(smollm, tokenizer, prompts, temperature, sampler):
     ids, mask = prompts
     torch.manual_seed(0)
     responses, sampled_lp = generate(smollm, ids, mask, 24, temperature, tokenizer.pad_token_id,
@@ -54,6 +63,44 @@ def test_sampled_logprobs_equal_the_scoring_pass(smollm, tokenizer, prompts, tem
                                             temperature) for i in range(len(ids))])  # every row on its own
     assert (sampled_lp - scored)[real].abs().max() < 2e-4
     assert (alone - scored)[real].abs().max() < 2e-4
+
+
+def test_prompt_buckets_change_no_output(smollm, tokenizer, prompts, monkeypatch):
+    """Static sampler: prompts padded to 64 columns (the bucket) give the tokens that unpadded prompts give
+    (bucket 1), greedy and sampled with the same seed; the plain loop's output does not move with extra padding."""
+    ids, mask = prompts
+    assert ids.shape[1] % generation.PROMPT_BUCKET != 0  # the bucket really pads
+    outputs = []
+    for bucket in (generation.PROMPT_BUCKET, 1):
+        monkeypatch.setattr(generation, "PROMPT_BUCKET", bucket)
+        for temperature in (0.0, 1.0):
+            torch.manual_seed(0)
+            outputs.append(generate_static(smollm, ids, mask, 16, temperature, tokenizer.pad_token_id,
+                                           tokenizer.eos_token_id))
+    assert torch.equal(outputs[0], outputs[2]) and torch.equal(outputs[1], outputs[3])
+    padded_ids = F.pad(ids, (7, 0), value=tokenizer.pad_token_id)
+    padded_mask = F.pad(mask, (7, 0), value=0)
+    monkeypatch.setitem(generation.SAMPLER, "mode", "plain")
+    plain = [generate(smollm, i, m, 16, 0.0, tokenizer.pad_token_id, tokenizer.eos_token_id)
+             for i, m in ((ids, mask), (padded_ids, padded_mask))]
+    assert torch.equal(plain[0], plain[1])
+
+
+def test_static_sampler_ignores_the_models_sampling_defaults(smollm, tokenizer, prompts):
+    """A model whose generation_config asks for top-k 1 and a repetition penalty (as some hub models ship) still
+    gets pure sampling and plain greedy decoding from the static sampler."""
+    ids, mask = prompts
+    plain_greedy = generate_static(smollm, ids, mask, 16, 0.0, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    saved = smollm.generation_config
+    smollm.generation_config = type(saved)(top_k=1, repetition_penalty=3.0, do_sample=True)
+    try:
+        greedy = generate_static(smollm, ids, mask, 16, 0.0, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        torch.manual_seed(0)
+        sampled = generate_static(smollm, ids, mask, 16, 1.0, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    finally:
+        smollm.generation_config = saved
+    assert torch.equal(greedy, plain_greedy)  # no repetition penalty
+    assert not torch.equal(sampled, greedy)  # top-k 1 would make sampling greedy
 
 
 def test_a_shared_prompt_gives_the_same_gradients(tiny_model_dir, tokenizer):
