@@ -3,12 +3,24 @@
     python benchmark/bench.py                                        # grpo.py, default configuration
     python benchmark/bench.py --scripts grpo rebel apo --prompts_per_iteration 16
     python benchmark/bench.py --extra="--grpo.kl_coef 0.04"
+    python benchmark/bench.py --model_size 1.7B --extra="--response_length 128 --grpo.num_generations 8"
+    python benchmark/bench.py --config path/to/config.json          # any causal-LM config, random weights
+
+--model_size (a Llama shape of benchmark/memory_model.py) or --config builds a model of that shape with
+random weights and the packaged SmolLM2 tokenizer, saved once under {output_dir}/models/ and passed to every
+script as --model_name: speed and memory need the shape, not the weights, and nothing is downloaded.
 
 Each script runs for a few iterations as its own process (short evaluation); seconds per
 iteration, generation seconds, generated tokens per second and peak memory are read from its
 metrics.jsonl (median over the iterations after the first, which warms up). apo.py's stage 1 is
 reported apart (`stage 1 s`): it is paid once per model, task and settings and cached in
 `{output_dir}/apo_stage1/`, so a second benchmark reuses it.
+
+The floor, for grpo.py: the time no implementation can beat on this device: reading the weights once per
+decode step (response_length steps, all rows at once) at the memory bandwidth, plus 6 x parameters x
+tokens (forward and backward over prompt + response) at the peak FLOP/s of the compute dtype. The
+bandwidth and peak of known GPUs are in DEVICES (dense, no sparsity); elsewhere pass --bandwidth_gbs and
+--peak_tflops (without them the floor is not reported).
 
 The bound, for grpo.py: for one batch of the same prompts, group size, response length and
 micro-batch size, one sampled `generate` plus one forward/backward over the batch (plus one
@@ -32,10 +44,17 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from common import generation  # noqa: E402
 from common.generation import batched_logprobs, forward_logprobs, generate, truncate_after_eos  # noqa: E402
 from common.models import load_causal_lm, load_tokenizer  # noqa: E402
 from common.run import peak_memory_gb  # noqa: E402
 from common.tasks import encode_prompts, load_task  # noqa: E402
+from memory_model import SHAPES  # noqa: E402
+
+# memory bandwidth (GB/s) and dense peak TFLOP/s (bf16, fp32 without tensor cores) of known GPUs, by name
+DEVICES = {"H200": (4800, 989, 67), "H100 PCIe": (2000, 756, 51), "H100": (3350, 989, 67),
+           "A100-SXM4-80GB": (2039, 312, 19.5), "A100": (1555, 312, 19.5), "L40S": (864, 362, 91.6),
+           "L4": (300, 121, 30.3), "A10G": (600, 70, 31.2)}
 
 
 @dataclass
@@ -54,6 +73,14 @@ class Args:
     """times the bound is measured (the median is reported)"""
     output_dir: str = "runs/bench"
     """where the scripts' run folders (and apo.py's stage-1 cache) go"""
+    model_size: Optional[str] = None
+    """a Llama shape with random weights instead of --model_name: 0.135B, 1.7B, 7B or 70B (memory_model.py)"""
+    config: Optional[str] = None
+    """a model config (config.json or its folder) to build with random weights instead of --model_name"""
+    bandwidth_gbs: Optional[float] = None
+    """memory bandwidth for the floor, GB/s (default: the GPU's from DEVICES; none on CPU)"""
+    peak_tflops: Optional[float] = None
+    """peak TFLOP/s of the compute dtype for the floor (default: the GPU's from DEVICES; none on CPU)"""
 
 
 def grpo_defaults(flags: list):
@@ -61,6 +88,46 @@ def grpo_defaults(flags: list):
     import grpo
 
     return tyro.cli(grpo.Args, args=flags, use_underscores=True)
+
+
+def random_model(bench: Args) -> str:
+    """The folder of a randomly initialised model of --model_size or --config with the SmolLM2 tokenizer
+    (built once, bf16 on disk), for --model_name."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    from common.models import EMBEDDED_MODEL
+
+    tokenizer = load_tokenizer(EMBEDDED_MODEL)
+    if bench.model_size:
+        if bench.model_size not in SHAPES:
+            raise SystemExit(f"[bench] unknown --model_size {bench.model_size}; choose from {' '.join(SHAPES)}")
+        s = SHAPES[bench.model_size]
+        config = LlamaConfig(hidden_size=s["h"], num_hidden_layers=s["n"], intermediate_size=s["i"],
+                             num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+                             tie_word_embeddings=s["tied"], max_position_embeddings=8192)
+        name = bench.model_size
+    else:
+        config = AutoConfig.from_pretrained(bench.config)
+        name = os.path.basename(os.path.dirname(os.path.abspath(bench.config))) + "_random"
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = (tokenizer.pad_token_id, tokenizer.bos_token_id,
+                                                                     tokenizer.eos_token_id)
+    path = os.path.join(bench.output_dir, "models", name)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        print(f"[bench] building {name} with random weights in {path}", flush=True)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def device_figures(bench: Args, device: torch.device, bf16: bool):
+    """(name, bandwidth GB/s, peak TFLOP/s) for the floor; bandwidth and peak None where unknown."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    known = next((v for k, v in DEVICES.items() if k in name), None)
+    bandwidth = bench.bandwidth_gbs or (known[0] if known else None)
+    peak = bench.peak_tflops or ((known[1] if bf16 else known[2]) if known else None)
+    return name, bandwidth, peak
 
 
 def time_script(name: str, flags: list, iterations: int, output_dir: str) -> dict:
@@ -86,6 +153,7 @@ if __name__ == "__main__":
     bench = tyro.cli(Args, use_underscores=True)
     flags = shlex.split(bench.extra) + (["--prompts_per_iteration", str(bench.prompts_per_iteration)]
                                         if bench.prompts_per_iteration else [])
+    flags += ["--model_name", random_model(bench)] if bench.model_size or bench.config else []
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lines = ["| script | seconds per iteration | of which generation (s) | generated tokens per second "
              "| peak memory (GB) | stage 1 s | wall s |",
@@ -102,15 +170,21 @@ if __name__ == "__main__":
     if bench.bound and "grpo" in bench.scripts:
         # the bound: the same batch as grpo.py's, only the unavoidable work
         cfg = grpo_defaults(flags)
+        generation.SAMPLER["mode"] = cfg.sampler
         G, T = cfg.grpo.num_generations, cfg.response_length
+        bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda"
+                                                 and torch.cuda.is_bf16_supported())
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         tokenizer = load_tokenizer(cfg.model_name)
         policy = load_causal_lm(cfg.model_name, device, torch.float32)
-        ref = load_causal_lm(cfg.model_name, device, torch.float32).eval() if cfg.grpo.kl_coef > 0 else None
+        ref = (load_causal_lm(cfg.model_name, device, torch.bfloat16 if bf16 else torch.float32).eval()
+               if cfg.grpo.kl_coef > 0 else None)
         rows = load_task(cfg.task, "train", cfg.data_files, cfg.prompts_per_iteration)
         ids, mask = encode_prompts(tokenizer, rows, cfg.max_prompt_length, "bench")
         ids, mask = ids.repeat_interleave(G, 0).to(device), mask.repeat_interleave(G, 0).to(device)
         timings = []
         for _ in range(bench.bound_repeats):
+            autocast.__enter__()
             start = time.time()
             responses = generate(policy, ids, mask, T, cfg.temperature, tokenizer.pad_token_id, tokenizer.eos_token_id)
             gen_seconds = time.time() - start
@@ -125,6 +199,7 @@ if __name__ == "__main__":
             policy.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            autocast.__exit__(None, None, None)
             timings.append((time.time() - start, gen_seconds, lengths.sum().item()))
         bound, bound_gen, tokens = (float(np.median([t[i] for t in timings])) for i in range(3))
         lines.append(f"| bound (grpo batch: generate + forward/backward) | {bound:.2f} | {bound_gen:.2f} | "
@@ -135,9 +210,24 @@ if __name__ == "__main__":
                      f"{cfg.prompts_per_iteration} prompts x {G} samples, {T} tokens, "
                      f"micro-batch {cfg.micro_batch_size}, "
                      f"kl_coef {cfg.grpo.kl_coef}")
+        # the floor: weights read once per decode step, and 6 x parameters x tokens of arithmetic
+        n_params = sum(p.numel() for p in policy.parameters())
+        gpu, bandwidth, peak = device_figures(bench, device, bf16)
+        tokens_trained = ids.shape[0] * (ids.shape[1] + T)
+        shape = (f"{n_params / 1e9:.3f}B parameters ({policy.config.num_hidden_layers} layers, hidden "
+                 f"{policy.config.hidden_size}), {'bf16 autocast' if bf16 else 'fp32'}, sampler "
+                 f"{'static' if generation.uses_static_sampler(policy, device) else 'plain'}")
+        if bandwidth and peak:
+            weight_bytes = n_params * (2 if bf16 else 4)
+            floor = T * weight_bytes / (bandwidth * 1e9) + 6 * n_params * tokens_trained / (peak * 1e12)
+            lines.append(f"grpo.py iteration / floor = {results['grpo']['perf/seconds_per_iter'] / floor:.1f} "
+                         f"(floor {floor:.3f} s: {T} decode steps x {weight_bytes / 1e9:.2f} GB of "
+                         f"weights at {bandwidth:g} GB/s + 6 x params x {tokens_trained} tokens at {peak:g} "
+                         f"TFLOP/s)")
+        lines.insert(0, f"{gpu}; {shape}\n")
 
     table = "\n".join(lines)
-    print(f"\n[bench] device {device}\n{table}")
+    print(f"\n[bench] {table}")
     os.makedirs(bench.output_dir, exist_ok=True)
     with open(os.path.join(bench.output_dir, "bench.md"), "w") as f:
         f.write(table + "\n")
