@@ -29,7 +29,7 @@ lint: install
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmark/bench.py $(ARGS)
 
-# all six algorithm files, 3 seeds, equal samples: results table and plots in runs/compare
+# the resets question: PPO, PPO++, DR-PO on chain3, 5 seeds, paired; table and plots in runs/compare
 compare: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmark/compare.py $(ARGS)
 

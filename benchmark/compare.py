@@ -1,12 +1,18 @@
 """The algorithm files side by side: same task, model, seeds and sample budget; paired differences with confidence
 intervals, at equal generated samples and at equal training seconds; learning curves and the reward-KL frontier.
 
-    python benchmark/compare.py                      # the resets question: chain3, 6 files x 5 seeds (2 CPUs)
-    python benchmark/compare.py --algorithms ppo ppo_pp drpo --seeds 1 2 3 4 5 6 7 8 --samples 384
-    python benchmark/compare.py --task arith --samples 128 --extra="--response_length 24"
+    python benchmark/compare.py                      # the resets question: PPO, PPO++, DR-PO on chain3, 5 seeds
+    python benchmark/compare.py --algorithms grpo rebel apo       # the other three beside them, same folder
+    python benchmark/compare.py --algorithms ppo ppo_pp drpo grpo rebel apo --report_only     # all six in one table
+    python benchmark/compare.py --task arith --sft_rows 0 --samples 128 --extra="--response_length 24"
     python benchmark/compare.py --extra="--model_name Qwen/Qwen2.5-0.5B-Instruct --task gsm8k" \\
         --launcher="accelerate launch --config_file configs/ddp.yaml"    # on GPUs
     python benchmark/compare.py --report_only        # aggregate the runs already there again
+
+The default answers the resets question on the hard task: chain3 (chosen from benchmark/calibrate_chain.py's
+table before any RL run), every run starting from one `sft.py` model trained on 32 worked solutions (the
+papers start from SFT; from the base model nothing is ever right from the prompt), 80 samples of 16 per
+iteration, bf16 autocast; about 80 minutes on 2 CPU cores.
 
 Every (seed, algorithm) run is its own process (`{output_dir}/{algorithm}__{seed}`, log in
 `{output_dir}/logs/`), run one after another, seeds in the outer loop, so a stopped comparison has
@@ -47,23 +53,31 @@ T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 
 @dataclass
 class Args:
-    algorithms: tuple[str, ...] = ALGORITHMS
-    """algorithm files to compare (without .py)"""
+    algorithms: tuple[str, ...] = ("ppo", "ppo_pp", "drpo")
+    """algorithm files to compare (without .py); the default answers the resets question in about 80 minutes on 2
+    CPU cores; `--algorithms grpo rebel apo` with the same flags adds the other three to the same folder"""
     baseline: str = "ppo"
     """the algorithm every other one is compared with, seed by seed"""
     seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
     """seeds; every algorithm runs once per seed"""
     task: str = "chain3"
     """the task (--task of the algorithm files)"""
-    samples: int = 192
+    sft_rows: int = 32
+    """start every run from `sft.py` on the first N training demonstrations of --task (one SFT run, shared by
+    every algorithm and seed, in {output_dir}/sft__1); 0: from the model itself"""
+    samples: int = 80
     """generated training samples per run (rounded to whole iterations)"""
+    samples_per_iteration: int = 16
+    """generated samples per iteration for every file (its prompts per iteration = this / its responses per
+    prompt), so all take the same iterations and evaluate at the same points; 0: each file's own"""
     num_evals: int = 5
     """evaluations during training, evenly spaced, besides the ones before and after (the curves' points)"""
-    num_eval_prompts: int = 50
+    num_eval_prompts: int = 32
     """held-out prompts per evaluation"""
-    extra: str = "--response_length 64 --eval_samples 1"
+    extra: str = "--response_length 48 --eval_samples 1 --mixed_precision bf16"
     """flags for the algorithm files (use the = form: --extra="..."); a group's flags (--grpo.x, --ppo.x,
-    --rebel.x, --apo.x) reach only the files that have that group"""
+    --rebel.x, --apo.x) reach only the files that have that group. bf16 autocast on CPU: 1.5x faster than fp32
+    on a CPU with AVX512-BF16 or AMX (drop it elsewhere)"""
     launcher: str = ""
     """command put before each script, e.g. --launcher="accelerate launch --config_file configs/ddp.yaml"
     (default: python)"""
@@ -99,23 +113,54 @@ def flags_for(name: str, flags: list) -> list:
     return out
 
 
-def samples_per_iteration(name: str, script_args) -> int:
-    """Generated training samples per iteration: prompts x responses per prompt."""
-    per_prompt = {"grpo": lambda a: a.grpo.num_generations, "rebel": lambda a: 2}.get(name, lambda a: 1)(script_args)
-    return script_args.prompts_per_iteration * per_prompt
+def responses_per_prompt(name: str, script_args) -> int:
+    """Generated training samples per prompt: GRPO's group, REBEL's pair, one for the others."""
+    return {"grpo": lambda a: a.grpo.num_generations, "rebel": lambda a: 2}.get(name, lambda a: 1)(script_args)
 
 
-def run_flags(name: str, seed: int, args: Args) -> tuple[list, int]:
-    """The flags of one run and its number of iterations under the budget."""
+def sft_model(args: Args) -> str:
+    """The folder of the SFT start every run shares (empty without --sft_rows): `sft.py` on the first
+    --sft_rows training demonstrations, run once (kept when it is there)."""
+    if args.sft_rows <= 0:
+        return ""
+    path = os.path.join(args.output_dir, "sft__1", "model")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    script = parse_script_args("ppo", flags_for("ppo", ["--task", args.task, *shlex.split(args.extra)]))
+    cmd = [sys.executable, os.path.join(ROOT, "sft.py"), "--task", args.task, "--model_name", script.model_name,
+           "--num_train_rows", str(args.sft_rows), "--max_response_length", str(script.response_length),
+           "--num_eval_prompts", str(args.num_eval_prompts), "--output_dir", args.output_dir, "--exp_name", "sft"]
+    os.makedirs(os.path.join(args.output_dir, "logs"), exist_ok=True)
+    log_path = os.path.join(args.output_dir, "logs", "sft.log")
+    print(f"[compare] the SFT start: {' '.join(shlex.quote(c) for c in cmd[1:])}\n          log: {log_path}",
+          flush=True)
+    with open(log_path, "w") as log:
+        if subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+            raise SystemExit(f"[compare] sft.py failed; the last lines of {log_path}:\n"
+                             + "".join(open(log_path).readlines()[-15:]))
+    return path
+
+
+def run_flags(name: str, seed: int, args: Args, start_model: str = "") -> tuple[list, int]:
+    """The flags of one run and its number of iterations under the budget (from `start_model` when given)."""
     flags = flags_for(name, ["--task", args.task, *shlex.split(args.extra)])
-    iterations = max(1, round(args.samples / samples_per_iteration(name, parse_script_args(name, flags))))
+    flags += ["--model_name", start_model] if start_model else []
+    script_args = parse_script_args(name, flags)
+    per_prompt = responses_per_prompt(name, script_args)
+    if args.samples_per_iteration:
+        if args.samples_per_iteration % per_prompt:
+            raise SystemExit(f"[compare] --samples_per_iteration {args.samples_per_iteration} is not a multiple of "
+                             f"{name}.py's {per_prompt} responses per prompt")
+        flags += ["--prompts_per_iteration", str(args.samples_per_iteration // per_prompt)]
+        script_args = parse_script_args(name, flags)
+    iterations = max(1, round(args.samples / (script_args.prompts_per_iteration * per_prompt)))
     eval_every = max(1, iterations // (args.num_evals + 1)) if args.num_evals > 0 else 0
     return flags + ["--seed", str(seed), "--exp_name", name, "--output_dir", args.output_dir, "--num_eval_prompts",
                     str(args.num_eval_prompts), "--num_iterations", str(iterations), "--eval_every",
                     str(eval_every)], iterations
 
 
-def run_one(name: str, seed: int, args: Args) -> dict:
+def run_one(name: str, seed: int, args: Args, start_model: str = "") -> dict:
     """Run one algorithm file for one seed; its wall time and exit code go to logs/{name}__{seed}.json."""
     done_path = os.path.join(args.output_dir, "logs", f"{name}__{seed}.json")
     if os.path.exists(done_path) and not args.rerun:
@@ -124,7 +169,7 @@ def run_one(name: str, seed: int, args: Args) -> dict:
         if done["returncode"] == 0:
             print(f"[compare] {name} seed {seed}: finished before, kept ({done_path})", flush=True)
             return done
-    flags, iterations = run_flags(name, seed, args)
+    flags, iterations = run_flags(name, seed, args, start_model)
     launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
     cmd = launcher + [os.path.join(ROOT, f"{name}.py")] + flags
     os.makedirs(os.path.join(args.output_dir, "logs"), exist_ok=True)
@@ -331,7 +376,10 @@ def report(args: Args, total_seconds: float | None = None) -> str:
     summary = summarize(per_algorithm, args.baseline)
     reference = next(iter(summary["stats"].values()))["reference"]
     text = "\n".join([
-        f"Task {args.task}; {args.samples} generated training samples per run; seeds "
+        f"Task {args.task}; start: "
+        + (f"`sft.py` on {args.sft_rows} demonstrations; " if args.sft_rows > 0 else "the model itself; ")
+        + f"{args.samples} generated training samples per run"
+        + (f", {args.samples_per_iteration} per iteration" if args.samples_per_iteration else "") + "; seeds "
         f"{', '.join(map(str, args.seeds))}; {args.num_eval_prompts} held-out prompts, {args.num_evals + 2} "
         f"evaluations per run; extra flags: `{args.extra or '(none)'}`. Mean ± standard error over seeds; "
         f"held-out accuracy before training {fmt(reference)}. Differences from {NAMES.get(args.baseline)} are "
@@ -362,9 +410,10 @@ if __name__ == "__main__":
     start = time.time()
     failed = []
     if not args.report_only:
+        start_model = sft_model(args)
         for seed in args.seeds:
             for name in args.algorithms:
-                if run_one(name, seed, args)["returncode"] != 0:
+                if run_one(name, seed, args, start_model)["returncode"] != 0:
                     failed.append(f"{name} seed {seed}")
     report(args, None if args.report_only else time.time() - start)
     if failed:
