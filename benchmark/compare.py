@@ -129,6 +129,7 @@ def sft_model(args: Args) -> str:
     script = parse_script_args("ppo", flags_for("ppo", ["--task", args.task, *shlex.split(args.extra)]))
     cmd = [sys.executable, os.path.join(ROOT, "sft.py"), "--task", args.task, "--model_name", script.model_name,
            "--num_train_rows", str(args.sft_rows), "--max_response_length", str(script.response_length),
+           "--batch_size", str(min(16, args.sft_rows)), "--micro_batch_size", str(min(16, args.sft_rows)),
            "--num_eval_prompts", str(args.num_eval_prompts), "--output_dir", args.output_dir, "--exp_name", "sft"]
     os.makedirs(os.path.join(args.output_dir, "logs"), exist_ok=True)
     log_path = os.path.join(args.output_dir, "logs", "sft.log")

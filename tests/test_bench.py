@@ -1,4 +1,5 @@
 """The benchmark script runs end to end on a tiny model and writes its table."""
+import os
 import sys
 
 from conftest import run_script
@@ -22,7 +23,8 @@ def test_bench_builds_a_random_model_from_a_config_and_reports_the_floor(tiny_mo
              "--grpo.num_generations 2")
     run_script([sys.executable, "benchmark/bench.py", "--scripts", "grpo", "--iterations", "2",
                 "--prompts_per_iteration", "4", "--bound_repeats", "1", "--output_dir", str(tmp_path),
-                "--config", str(tiny_model_dir / "config.json"), "--bandwidth_gbs", "20", "--peak_tflops", "0.5",
+                "--config", os.path.join(tiny_model_dir, "config.json"), "--bandwidth_gbs", "20",
+                "--peak_tflops", "0.5",
                 f"--extra={extra}"])
     built = next((tmp_path / "models").iterdir())
     assert (built / "config.json").exists() and (built / "tokenizer_config.json").exists()

@@ -78,10 +78,11 @@ def test_flags_for_keeps_each_files_own_groups():
 
 
 def test_compare_smoke(tiny_model_dir, tmp_path):
-    extra = (f"--model_name {tiny_model_dir} --response_length 8 --micro_batch_size 2 "
+    extra = (f"--model_name {tiny_model_dir} --response_length 12 --micro_batch_size 2 "
              "--eval_batch_size 8 --num_train_prompts 32 --grpo.num_generations 2")
-    cmd = [sys.executable, "benchmark/compare.py", "--algorithms", "ppo", "grpo", "--seeds", "1", "2", "--samples", "8",
-           "--samples_per_iteration", "8", "--sft_rows", "8", "--num_evals", "1", "--num_eval_prompts", "8",
+    cmd = [sys.executable, "benchmark/compare.py", "--algorithms", "ppo", "grpo", "--seeds", "1", "2",
+           "--samples", "16", "--samples_per_iteration", "8", "--sft_rows", "8", "--num_evals", "1",
+           "--num_eval_prompts", "8",
            "--task", "arith", "--output_dir", str(tmp_path), f"--extra={extra}"]
     run_script(cmd)
     table = (tmp_path / "results.md").read_text()
@@ -89,7 +90,7 @@ def test_compare_smoke(tiny_model_dir, tmp_path):
     for name in ("accuracy_vs_samples.png", "accuracy_vs_seconds.png", "reward_vs_kl.png", "results.json"):
         assert (tmp_path / name).stat().st_size > 0
     grpo_run = json.load(open(tmp_path / "logs" / "grpo__1.json"))
-    assert grpo_run["iterations"] == 1  # 8 samples = 1 iteration of 4 prompts x 2
+    assert grpo_run["iterations"] == 2  # 16 samples = 2 iterations of 4 prompts x 2
     assert grpo_run["command"][grpo_run["command"].index("--prompts_per_iteration") + 1] == "4"
     assert str(tmp_path / "sft__1" / "model") in grpo_run["command"]  # every run starts from the one SFT model
     assert (tmp_path / "sft__1" / "model" / "config.json").exists()
