@@ -12,7 +12,7 @@ intervals, at equal generated samples and at equal training seconds; learning cu
 The default answers the resets question on the hard task: chain3 (chosen from benchmark/calibrate_chain.py's
 table before any RL run), every run starting from one `sft.py` model trained on 32 worked solutions (the
 papers start from SFT; from the base model nothing is ever right from the prompt), 80 samples of 16 per
-iteration, bf16 autocast; about 80 minutes on 2 CPU cores.
+iteration, bf16 autocast; 85 minutes measured on 2 CPU cores.
 
 Every (seed, algorithm) run is its own process (`{output_dir}/{algorithm}__{seed}`, log in
 `{output_dir}/logs/`), run one after another, seeds in the outer loop, so a stopped comparison has
@@ -54,7 +54,7 @@ T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 @dataclass
 class Args:
     algorithms: tuple[str, ...] = ("ppo", "ppo_pp", "drpo")
-    """algorithm files to compare (without .py); the default answers the resets question in about 80 minutes on 2
+    """algorithm files to compare (without .py); the default answers the resets question in 85 minutes on 2
     CPU cores; `--algorithms grpo rebel apo` with the same flags adds the other three to the same folder"""
     baseline: str = "ppo"
     """the algorithm every other one is compared with, seed by seed"""
@@ -64,7 +64,7 @@ class Args:
     """the task (--task of the algorithm files)"""
     sft_rows: int = 32
     """start every run from `sft.py` on the first N training demonstrations of --task (one SFT run, shared by
-    every algorithm and seed, in {output_dir}/sft__1); 0: from the model itself"""
+    every algorithm and seed, in {output_dir}/sft__1, kept: delete it after changing this); 0: the model itself"""
     samples: int = 80
     """generated training samples per run (rounded to whole iterations)"""
     samples_per_iteration: int = 16
