@@ -174,7 +174,6 @@ if __name__ == "__main__":
         G, T = cfg.grpo.num_generations, cfg.response_length
         bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda"
                                                  and torch.cuda.is_bf16_supported())
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         tokenizer = load_tokenizer(cfg.model_name)
         policy = load_causal_lm(cfg.model_name, device, torch.float32)
         ref = (load_causal_lm(cfg.model_name, device, torch.bfloat16 if bf16 else torch.float32).eval()
@@ -184,22 +183,23 @@ if __name__ == "__main__":
         ids, mask = ids.repeat_interleave(G, 0).to(device), mask.repeat_interleave(G, 0).to(device)
         timings = []
         for _ in range(bench.bound_repeats):
-            autocast.__enter__()
             start = time.time()
-            responses = generate(policy, ids, mask, T, cfg.temperature, tokenizer.pad_token_id, tokenizer.eos_token_id)
-            gen_seconds = time.time() - start
-            responses, rmask, lengths, _ = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
-            qr, att = torch.cat([ids, responses], 1), torch.cat([mask, rmask.long()], 1)
-            if ref is not None:
-                batched_logprobs(ref, qr, att, T, cfg.temperature, cfg.micro_batch_size)
-            for i in range(0, qr.shape[0], cfg.micro_batch_size):
-                lp = forward_logprobs(policy, qr[i:i + cfg.micro_batch_size], att[i:i + cfg.micro_batch_size], T,
-                                      cfg.temperature)
-                (lp * rmask[i:i + cfg.micro_batch_size]).sum().backward()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # as grpo.py computes
+                responses = generate(policy, ids, mask, T, cfg.temperature, tokenizer.pad_token_id,
+                                     tokenizer.eos_token_id)
+                gen_seconds = time.time() - start
+                responses, rmask, lengths, _ = truncate_after_eos(responses, tokenizer.eos_token_id,
+                                                                  tokenizer.pad_token_id)
+                qr, att = torch.cat([ids, responses], 1), torch.cat([mask, rmask.long()], 1)
+                if ref is not None:
+                    batched_logprobs(ref, qr, att, T, cfg.temperature, cfg.micro_batch_size)
+                for i in range(0, qr.shape[0], cfg.micro_batch_size):
+                    lp = forward_logprobs(policy, qr[i:i + cfg.micro_batch_size], att[i:i + cfg.micro_batch_size], T,
+                                          cfg.temperature)
+                    (lp * rmask[i:i + cfg.micro_batch_size]).sum().backward()
             policy.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            autocast.__exit__(None, None, None)
             timings.append((time.time() - start, gen_seconds, lengths.sum().item()))
         bound, bound_gen, tokens = (float(np.median([t[i] for t in timings])) for i in range(3))
         lines.append(f"| bound (grpo batch: generate + forward/backward) | {bound:.2f} | {bound_gen:.2f} | "

@@ -56,7 +56,7 @@ class BaseArgs:
     sampler: Literal["auto", "plain", "static"] = "auto"
     """how responses are sampled: static = transformers' generate with a static KV cache, compiled into CUDA
     graphs on a GPU (prompts padded to a few lengths); plain = the loop in common/generation.py (finished rows
-    leave the batch, a group's prompt runs once); auto = static on a GPU, plain on CPU (faster there)"""
+    leave the batch, a group's prompt runs once); auto = static on a GPU, plain on CPU"""
 
     # task
     task: Literal["arith", "chain2", "chain3", "chain4", "chain5", "gsm8k", "tldr", "hh"] = "arith"

@@ -25,7 +25,7 @@ def uses_static_sampler(model, device: torch.device) -> bool:
     mode = SAMPLER["mode"]
     if mode == "plain" or (mode == "auto" and device.type != "cuda"):
         return False
-    return not any(isinstance(p, DTensor) for p in model.parameters())
+    return not isinstance(next(model.parameters()), DTensor)  # FSDP shards every parameter
 
 
 def shared_prompts(query_ids, query_mask):
