@@ -1,6 +1,6 @@
 """GRPO: Group Relative Policy Optimization (Shao et al. 2024, "DeepSeekMath", arXiv:2402.03300).
 
-    python grpo.py                                    # embedded SmolLM2-135M + arithmetic, 2 CPU cores, ~6 min
+    python grpo.py                                    # embedded SmolLM2-135M + arithmetic, 2 CPU cores, ~5 min
     accelerate launch --config_file configs/ddp.yaml grpo.py --model_name Qwen/Qwen2.5-1.5B-Instruct --task gsm8k
 
 For each prompt, sample a group of G responses, score them (one outcome reward each, broadcast to its

@@ -30,3 +30,11 @@ def test_bench_builds_a_random_model_from_a_config_and_reports_the_floor(tiny_mo
     assert (built / "config.json").exists() and (built / "tokenizer_config.json").exists()
     table = (tmp_path / "bench.md").read_text()
     assert "grpo.py iteration / floor = " in table and "at 20 GB/s" in table and "at 0.5 TFLOP/s" in table
+
+
+def test_sampler_speed_times_both_samplers(tiny_model_dir):
+    proc = run_script([sys.executable, "benchmark/sampler_speed.py", "--model_name", tiny_model_dir,
+                       "--response_length", "4", "--repeats", "1"])
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| rollout") or line.startswith("| greedy")]
+    assert len(rows) == 2 and all(len(row.split("|")) == 6 for row in rows)  # shape, plain, static, ratio
+    assert "first call" in proc.stdout and "\ncpu, " in proc.stdout and "M parameters, fp32" in proc.stdout
