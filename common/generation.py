@@ -7,6 +7,7 @@ softmax(logits / temperature), in one of two ways (--sampler):
 - static (GPU): transformers' `generate` with a static KV cache, which it compiles into CUDA graphs on
   a GPU, and prompts left-padded to a multiple of PROMPT_BUCKET tokens so that a new prompt length does
   not compile again. Its step is launch-bound, not arithmetic-bound, on a GPU (issue 15's figures).
+  On CPU it is slower (2.65x per rollout, benchmark/sampler_speed.py), so --sampler auto uses it on GPUs only.
 The log-prob passes share a group's prompt the same way as the plain loop.
 """
 import torch
