@@ -55,7 +55,8 @@ T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 class Args:
     algorithms: tuple[str, ...] = ("ppo", "ppo_pp", "drpo")
     """algorithm files to compare (without .py); the default answers the resets question in 85 minutes on 2
-    CPU cores; `--algorithms grpo rebel apo` with the same flags adds the other three to the same folder"""
+    CPU cores; `--algorithms grpo rebel apo` with the same flags adds the other three to the same folder
+    (64 minutes more; six files in one run would not fit 90 minutes)"""
     baseline: str = "ppo"
     """the algorithm every other one is compared with, seed by seed"""
     seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
