@@ -37,6 +37,7 @@ class Args:
     repeats: int = 3
     """timed calls per sampler, shape and round"""
     seed: int = 1
+    """torch seed for the sampled rollouts"""
 
 
 def timed(fn, device) -> float:
@@ -53,7 +54,7 @@ def main(args: Args) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(args.model_name)
     model = load_causal_lm(args.model_name, device, torch.float32)
-    rows = load_task("arith", "test")[:64]
+    rows = load_task("arith", "test", num_rows=64)
     ids, mask = encode_prompts(tokenizer, rows, 256, "sampler_speed")
     ids, mask = ids.to(device), mask.to(device)
     shapes = {f"rollout 8 prompts x 8 samples, T={args.temperature}": (ids[:8].repeat_interleave(8, 0),
