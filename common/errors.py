@@ -20,7 +20,8 @@ def exit_cleanly_on_user_errors() -> None:
         if not issubclass(kind, UserError):
             return sys.__excepthook__(kind, value, tb)
         sys.stdout.flush()
-        print(f"{os.path.basename(sys.argv[0])}: error: {value}", file=sys.stderr, flush=True)
+        # the real stderr: torch.distributed's own hook, which calls this one, redirects sys.stderr to a buffer
+        print(f"{os.path.basename(sys.argv[0])}: error: {value}", file=sys.__stderr__, flush=True)
         os._exit(2)  # an excepthook cannot choose the exit status otherwise
 
     sys.excepthook = hook

@@ -19,14 +19,29 @@ PROMPT_BUCKET = 64  # the static sampler pads prompts to a multiple of this many
 SAMPLER = {"mode": "auto"}  # --sampler, set once per run by common.run.setup_run: auto, plain or static
 
 
-def uses_static_sampler(model, device: torch.device) -> bool:
-    """--sampler static, or auto on a GPU; never for a model whose weights are sharded (FSDP's DTensors)."""
-    from torch.distributed.tensor import DTensor
+def is_sharded(model) -> bool:
+    """Whether `model`'s weights are sharded over the processes (FSDP). Each forward pass then gathers every
+    layer's weights from all processes, so all of them must run the same passes: lock-step. (Asked of the
+    modules: between passes FSDP may hold the root's weights gathered, as plain tensors.)"""
+    from torch.distributed.fsdp import FSDPModule
 
+    model = getattr(model, "peft_model", model)  # a LoRA reference (AdaptersOff) runs on the policy's weights
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+def lockstep_max(value: int, device: torch.device) -> int:
+    """The largest `value` over all processes (FSDP's lock-step)."""
+    value = torch.tensor(value, device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return int(value)
+
+
+def uses_static_sampler(model, device: torch.device) -> bool:
+    """--sampler static, or auto on a GPU; never for a model whose weights are sharded (FSDP)."""
     mode = SAMPLER["mode"]
     if mode == "plain" or (mode == "auto" and device.type != "cuda"):
         return False
-    return not isinstance(next(model.parameters()), DTensor)  # FSDP shards every parameter
+    return not is_sharded(model)
 
 
 def shared_prompts(query_ids, query_mask):
@@ -63,6 +78,8 @@ def generate(model, query_ids, query_mask, response_length: int, temperature: fl
     batch when it samples EOS, so finished rows cost nothing; rows that stop early are padded with
     `pad_token_id`. A model wrapped for distributed training is unwrapped (no gradient sync needed).
     `return_logprobs` also returns the sampled tokens' log-probs under that distribution (B, T), 0 after EOS.
+    Sharded weights (FSDP) make it lock-step: no row leaves the batch, and every process takes as many
+    steps as the longest-running one (rows that ended keep stepping and are cut after their EOS).
     """
     model = extract_model_from_parallel(model)
     if uses_static_sampler(model, query_ids.device):
@@ -70,14 +87,17 @@ def generate(model, query_ids, query_mask, response_length: int, temperature: fl
                                return_logprobs)
     training = model.training
     model.eval()  # the KV cache (a model training with gradient checkpointing would switch it off)
-    responses = torch.full((query_ids.shape[0], response_length), pad_token_id, dtype=torch.long,
+    lockstep = is_sharded(model)
+    steps = lockstep_max(response_length, query_ids.device) if lockstep else response_length
+    responses = torch.full((query_ids.shape[0], steps), pad_token_id, dtype=torch.long,
                            device=query_ids.device)  # (B, T)
     logprobs = torch.zeros(responses.shape, device=query_ids.device)  # (B, T)
     logits, cache = prefill(model, query_ids, query_mask)  # (B, V)
     rows = torch.arange(query_ids.shape[0], device=query_ids.device)  # (b,) the rows still sampling
+    ended = torch.zeros(len(rows), dtype=torch.bool, device=query_ids.device)  # (b,) rows that sampled EOS
     attention_mask = query_mask
     positions = attention_mask.long().sum(1)  # (b,) the position of each row's next token
-    for t in range(response_length):
+    for t in range(steps):
         logp = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)  # (b, V)
         if temperature > 0:
             tokens = torch.multinomial(logp.exp(), 1).squeeze(1)  # (b,)
@@ -85,18 +105,25 @@ def generate(model, query_ids, query_mask, response_length: int, temperature: fl
             tokens = logp.argmax(dim=-1)  # (b,)
         responses[rows, t] = tokens
         logprobs[rows, t] = logp.gather(1, tokens[:, None]).squeeze(1)
-        running = tokens != eos_token_id  # (b,)
-        if t == response_length - 1 or not running.any():
+        ended = ended | (tokens == eos_token_id)
+        left = (~ended).sum()
+        if lockstep:
+            torch.distributed.all_reduce(left)  # rows still sampling on any process
+        if t == steps - 1 or left.item() == 0:
             break
-        if not running.all():  # drop the finished rows from the batch and the cache
-            keep = running.nonzero().squeeze(1)
+        if ended.any() and not lockstep:  # drop the finished rows from the batch and the cache
+            keep = (~ended).nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             rows, tokens, attention_mask, positions = rows[keep], tokens[keep], attention_mask[keep], positions[keep]
+            ended = ended[keep]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
         logits = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=positions[:, None],
                        past_key_values=cache, use_cache=True).logits[:, -1]  # (b, V)
         positions = positions + 1
     model.train(training)
+    if lockstep:  # cut after each row's first EOS, to the length asked for
+        responses, real = truncate_after_eos(responses, eos_token_id, pad_token_id)[:2]
+        responses, logprobs = responses[:, :response_length], (logprobs * real)[:, :response_length]
     return (responses, logprobs) if return_logprobs else responses
 
 
@@ -202,7 +229,8 @@ def response_logits(model, query_responses, attention_mask, response_length: int
         return torch.nn.functional.pad(logits, (0, 0, 0, response_length - used))  # (B, T, V)
     queries, query_mask = query_responses[:, :P], attention_mask[:, :P]
     checkpointing = model.training and _gradient_checkpointing(model)
-    if checkpointing or shared_prompts(queries, query_mask)[1].numel() == query_responses.shape[0]:  # no sharing
+    no_sharing = shared_prompts(queries, query_mask)[1].numel() == query_responses.shape[0]
+    if checkpointing or no_sharing or is_sharded(model):  # sharded: one pass on every process, whatever its prompts
         out = model(input_ids=query_responses, attention_mask=attention_mask, use_cache=False,
                     position_ids=position_ids_from_mask(attention_mask), logits_to_keep=response_length + 1)
         return out.logits[:, :-1]  # (B, T, V)

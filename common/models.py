@@ -193,10 +193,29 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     model.train()
 
 
-def save_model(model: nn.Module, tokenizer, out_dir: str) -> None:
+def save_model(model: nn.Module, tokenizer, out_dir: str, state_dict=None) -> None:
     """Write model and tokenizer with save_pretrained, so `from_pretrained(out_dir)` loads them. A LoRA model
     writes its adapters (peft's adapter_config.json and weights): `AutoModelForCausalLM.from_pretrained(out_dir)`
-    loads the base with them, and `PeftModel.from_pretrained(base, out_dir).merge_and_unload()` merges them."""
+    loads the base with them, and `PeftModel.from_pretrained(base, out_dir).merge_and_unload()` merges them.
+    `state_dict`: the full weights gathered from a sharded (FSDP) model, written in place of the model's own."""
     os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(out_dir)
+
+
+def shard_frozen(accelerator, model: nn.Module) -> nn.Module:
+    """Under FSDP, a frozen model (reference, reward model) sharded over the processes like the policy: each
+    decoder layer and the rest, offloaded to CPU where the config says so. Otherwise the model as it is."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return model
+    from torch.distributed.fsdp import OffloadPolicy, fully_shard
+
+    offload = accelerator.state.fsdp_plugin.cpu_offload
+    options = {"offload_policy": offload} if isinstance(offload, OffloadPolicy) else {}
+    layers = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in layers:
+            fully_shard(module, **options)
+    return fully_shard(model, **options)

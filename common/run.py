@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast, gather_object
+from accelerate.utils import DistributedType, broadcast, gather_object
 from tqdm.auto import tqdm
 
 from common.checkpoints import (checkpoint_iteration, latest_checkpoint, link_latest, load_checkpoint, save_checkpoint,
@@ -32,7 +32,7 @@ from common.generation import batched_logprobs, generate, truncate_after_eos
 from common.errors import NonFiniteError, UserError
 from common.resets import build_reset_states, splice_reset_responses
 from common.models import (AdaptersOff, add_lora, check_model, enable_gradient_checkpointing,
-                           load_causal_lm, load_reward_model, load_tokenizer, save_model)
+                           load_causal_lm, load_reward_model, load_tokenizer, save_model, shard_frozen)
 from common.rewards import VERIFIERS, score
 from common.tasks import VERIFIABLE, encode_prompts, load_task
 from common.tracking import init_wandb, log_metrics, report
@@ -190,13 +190,18 @@ def setup_run(args: BaseArgs, samples_per_prompt: int, group_size: int = 1, refe
     train_ids, train_mask = encode_prompts(tokenizer, train_rows, args.max_prompt_length, f"task {args.task} train")
     eval_ids, eval_mask = encode_prompts(tokenizer, eval_rows, args.max_prompt_length, f"task {args.task} test")
     mine = slice(accelerator.process_index, None, args.world_size)
+    if accelerator.distributed_type == DistributedType.FSDP and len(eval_rows) % args.world_size:
+        raise UserError(f"under FSDP every process evaluates the same number of prompts (each forward pass gathers "
+                        f"weights from all): --num_eval_prompts {len(eval_rows)} is not a multiple of the "
+                        f"{args.world_size} processes; pass one that is")
     run_dir = open_run_dir(args, accelerator)
 
     reward_model = reward_tokenizer = None
     if args.reward_model is not None:
         reward_tokenizer = load_tokenizer(args.reward_model, args.trust_remote_code)
-        reward_model = load_reward_model(args.reward_model, device, frozen_dtype(accelerator),
-                                         reward_tokenizer.pad_token_id, args.trust_remote_code).eval()
+        reward_model = shard_frozen(accelerator, load_reward_model(
+            args.reward_model, device, frozen_dtype(accelerator), reward_tokenizer.pad_token_id,
+            args.trust_remote_code)).eval()
     verifier = VERIFIERS.get(args.task)
 
     def score_texts(rows, texts):
@@ -210,20 +215,23 @@ def setup_run(args: BaseArgs, samples_per_prompt: int, group_size: int = 1, refe
               wandb_run=wandb_run)
     # the policy trains in fp32 (mixed precision on GPU through accelerate); frozen models in bf16 where supported
     policy = load_causal_lm(args.model_name, device, torch.float32, args.trust_remote_code)
-    if args.lora_r:
-        policy = run.lora_policy = add_lora(policy, args.lora_r, args.lora_alpha, args.lora_target_modules)
+    if args.lora_r:  # the adapters start the same on every process (FSDP keeps each process's own shard of them)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(args.seed)
+            policy = run.lora_policy = add_lora(policy, args.lora_r, args.lora_alpha, args.lora_target_modules)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     return run, policy, load_frozen_policy(run) if reference else None
 
 
 def load_frozen_policy(run: Run):
-    """A frozen copy of the starting policy (`--model_name`), in bf16 where the device supports it; under --lora_r
-    the policy itself with its adapters disabled (no second copy)."""
+    """A frozen copy of the starting policy (`--model_name`), in bf16 where the device supports it, sharded under
+    FSDP; under --lora_r the policy itself with its adapters disabled (no second copy)."""
     args = run.args
     if run.lora_policy is not None:
         return AdaptersOff(run.lora_policy)
-    return load_causal_lm(args.model_name, run.device, frozen_dtype(run.accelerator), args.trust_remote_code).eval()
+    model = load_causal_lm(args.model_name, run.device, frozen_dtype(run.accelerator), args.trust_remote_code)
+    return shard_frozen(run.accelerator, model).eval()
 
 
 def evaluate_policy(run: Run, model, ref_model=None, with_kl: bool = True):
@@ -271,6 +279,11 @@ def start_training(run: Run, policy, extra_metrics: Optional[dict] = None) -> in
     logged again). `extra_metrics` are logged with it (A*-PO's stage-1 seconds).
     """
     args = run.args
+    for model in run.accelerator._models:
+        if hasattr(model, "_get_fsdp_state") and hasattr(model, "value_model"):
+            raise UserError("PPO, PPO++ and DR-PO do not run under FSDP: their value head reads every position "
+                            "outside the value model's forward, which FSDP's shards do not allow. Use DDP or DeepSpeed "
+                            "ZeRO-2 (configs/ddp.yaml, configs/zero2.yaml), with --lora_r for large models")
     start_iteration = load_checkpoint(run.accelerator, args.resume_from) if args.resume_from else 0
     run.iteration = start_iteration
     model = policy if start_iteration == 0 else load_causal_lm(args.model_name, run.device, torch.float32,
@@ -316,13 +329,16 @@ def _sample_training_prompt_scores(run: Run, model, num_samples: int, path: str,
     """training_prompt_scores' sampling (progress bar `label`), gathering and atomic caching."""
     args, accelerator, device = run.args, run.accelerator, run.device
     start = time.time()
-    mine = slice(accelerator.process_index, None, args.world_size)
+    mine = list(range(accelerator.process_index, len(run.train_rows), args.world_size))
+    num_mine, per_process = len(mine), -(-len(run.train_rows) // args.world_size)
+    mine += mine[-1:] * (per_process - num_mine)  # every process samples as many batches (FSDP's lock-step)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast():
         torch.manual_seed(args.seed + accelerator.process_index * 100003)  # the training RNG does not see the cache
-        local = sample_scores(model, run.tokenizer, run.train_rows[mine], run.train_ids[mine].to(device),
+        local = sample_scores(model, run.tokenizer, [run.train_rows[i] for i in mine], run.train_ids[mine].to(device),
                               run.train_mask[mine].to(device), score_fn=run.score, num_samples=num_samples,
                               response_length=args.response_length, temperature=args.temperature,
                               batch_size=args.eval_batch_size, progress=accelerator.is_main_process and label)
+        local = local[:num_mine]
     scores = gather_strided(accelerator, local, len(run.train_rows)).cpu()  # (P, num_samples) in prompt order
     seconds = time.time() - start
     if accelerator.is_main_process:
@@ -475,6 +491,22 @@ def end_iteration(run: Run, stats: dict, *, scores, lengths, has_eos, episode: i
     return broadcast(torch.tensor([run.train_seconds], device=device)).item() >= args.max_train_seconds
 
 
+def save_policy(run: Run, policy, out_dir: str) -> None:
+    """Write the policy (from_pretrained loads it) from the main process. Under FSDP its shards are gathered into
+    full weights first, which every process takes part in: all of them call this."""
+    accelerator = run.accelerator
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    state_dict = accelerator.get_state_dict(policy) if sharded else None
+    if state_dict:  # tied weights (embeddings and LM head) come back as two copies: keep the first
+        seen = set()
+        for name, p in accelerator.unwrap_model(policy).named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                state_dict.pop(name, None)
+            seen.add(id(p))
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(policy), run.tokenizer, out_dir, state_dict)
+
+
 @contextlib.contextmanager
 def save_on_failure(run: Run, policy):
     """On an exception (or Ctrl-C) inside the block, save `policy` to {run_dir}/model_interrupted, then re-raise.
@@ -488,8 +520,7 @@ def save_on_failure(run: Run, policy):
     try:
         yield
     except UserError as e:
-        if run.accelerator.is_main_process:
-            save_model(run.accelerator.unwrap_model(policy), run.tokenizer, out)
+        save_policy(run, policy, out)
         if run.wandb_run is not None:
             run.wandb_run.finish(exit_code=2)
         raise UserError(f"iteration {run.iteration}: {e}. The policy's last good weights are in {out}") from e
@@ -513,8 +544,8 @@ def finish_run(run: Run, policy, ref_model=None, trained=None) -> None:
     metrics["dist/param_checksum_spread"] = (checksums.max() - checksums.min()).item()
     report_evaluation(run, run.iteration, metrics, samples)
     accelerator.wait_for_everyone()
+    save_policy(run, policy, os.path.join(run.run_dir, "model"))
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(policy), run.tokenizer, os.path.join(run.run_dir, "model"))
         summary = "  ".join(f"{k.split('/')[1]} {run.ref_metrics.get(k, float('nan')):.3f} -> {metrics[k]:.3f}"
                             for k in ("eval/reward", "eval/accuracy", "eval/kl") if k in metrics)
         print(f"[{args.exp_name}] reference -> trained on {len(run.eval_rows) * args.world_size} held-out prompts: "
