@@ -1,6 +1,7 @@
 """Load policy, reference, reward and value models and their tokenizer; save the result."""
 import functools
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -84,6 +85,9 @@ def check_model(name: str, flag: str, trust_remote_code: bool = False, score_hea
     looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
     if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
         raise UserError(f"{flag} {name}: no such folder; pass a folder written by save_pretrained, or a hub id")
+    base = adapter_base(name)
+    if base is not None:  # a LoRA run's model/: its adapters load on this base model
+        return check_model(base, f"{flag} {name}: its base model", trust_remote_code, score_head)
     try:
         config = AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -125,11 +129,32 @@ def _no_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+def adapter_base(name: str):
+    """The base model a folder of LoRA adapters (a LoRA run's model/, peft's adapter_config.json) was trained on,
+    or None for anything else."""
+    folder = os.path.expanduser(name)
+    adapter = os.path.join(folder, "adapter_config.json")
+    if not os.path.isfile(adapter) or os.path.isfile(os.path.join(folder, "config.json")):
+        return None
+    with open(adapter) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter} names no base model (base_model_name_or_path); add it, or merge the adapters")
+    return base
+
+
 def load_causal_lm(name: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
-    """Causal LM (policy or reference) on `device` in `dtype`, dropout off."""
+    """Causal LM (policy or reference) on `device` in `dtype`, dropout off. A folder of LoRA adapters loads as
+    its base model with the adapters merged into the weights: a plain model, to evaluate or train further."""
+    base = adapter_base(name)
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model(name), dtype=dtype, trust_remote_code=trust_remote_code
+        resolve_model(base or name), dtype=dtype, trust_remote_code=trust_remote_code
     )
+    if base is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, os.path.expanduser(name)).merge_and_unload()
+        model.requires_grad_(True)  # peft froze the base; merged, it is a plain model again
     return _no_dropout(model).to(device)
 
 

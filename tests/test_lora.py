@@ -6,7 +6,7 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import run_script
+from conftest import read_jsonl, run_script
 from common.generation import forward_logprobs
 from common.models import AdaptersOff, add_lora, load_causal_lm
 
@@ -52,6 +52,37 @@ def test_a_lora_run_saves_adapters_that_load_and_merge(tiny_model_dir, tiny_rewa
             a, b, c = loaded(ids).logits, merged(ids).logits, base(ids).logits
         assert torch.allclose(a, b, atol=1e-4)
         assert (a - c).abs().max() > 1e-4  # training moved the adapters
+
+
+LORA_TINY = ["--lora_r", "4", "--num_iterations", "2", "--prompts_per_iteration", "4", "--grpo.num_generations", "2",
+             "--micro_batch_size", "4", "--response_length", "8", "--num_eval_prompts", "8", "--eval_batch_size", "8",
+             "--num_train_prompts", "32", "--learning_rate", "1e-2"]
+
+
+def test_saved_adapters_reload_to_the_same_evaluation(tiny_model_dir, tiny_reward_dir, tmp_path):
+    """--model_name a LoRA run's model/ (the base with the adapters merged) evaluates as the run's last evaluation."""
+    common = [sys.executable, "grpo.py", "--reward_model", tiny_reward_dir, "--eval_samples", "2"]
+    run_script([*common, "--model_name", tiny_model_dir, "--output_dir", str(tmp_path / "run"), *LORA_TINY])
+    run_script([*common, "--model_name", str(tmp_path / "run" / "grpo__1" / "model"), "--num_iterations", "0",
+                "--num_eval_prompts", "8", "--eval_batch_size", "8", "--response_length", "8",
+                "--output_dir", str(tmp_path / "reloaded")])
+    trained = read_jsonl(tmp_path / "run" / "grpo__1" / "metrics.jsonl")[-1]
+    reloaded = read_jsonl(tmp_path / "reloaded" / "grpo__1" / "metrics.jsonl")[0]
+    assert trained["eval/kl"] > 0  # the adapters moved the policy (the reloaded one is its own reference: KL 0)
+    for key in ("eval/reward", "eval/sample_reward", "eval/response_length", "eval/eos_rate", "eval/accuracy"):
+        assert abs(reloaded[key] - trained[key]) < 1e-5, key
+    samples = read_jsonl(tmp_path / "run" / "grpo__1" / "eval_samples.jsonl")
+    again = read_jsonl(tmp_path / "reloaded" / "grpo__1" / "eval_samples.jsonl")
+    assert [s["response"] for s in samples if s["step"] == 2] == [s["response"] for s in again[:8]]
+
+
+def test_two_processes_train_identical_adapters(tiny_model_dir, tiny_reward_dir, tmp_path):
+    run_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29551",
+                "grpo.py", "--model_name", tiny_model_dir, "--reward_model", tiny_reward_dir, "--output_dir",
+                str(tmp_path), "--gradient_checkpointing", *LORA_TINY])
+    rows = read_jsonl(tmp_path / "grpo__1" / "metrics.jsonl")
+    assert rows[-1]["dist/param_checksum_spread"] == 0.0  # every weight, adapters included, equal on both processes
+    assert rows[-1]["eval/kl"] > 0  # and the adapters did train
 
 
 def test_sft_and_reward_with_lora_save_merged_models(tiny_model_dir, tiny_reward_dir, tmp_path):
