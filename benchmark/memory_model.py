@@ -3,6 +3,7 @@
     python benchmark/memory_model.py                                    # the table of benchmark/README.md
     python benchmark/memory_model.py --shape 1.7B --method grpo --micro_batch_size 32 --prompt_length 40 \\
         --response_length 128 --precision fp32                          # one configuration, itemised
+    python benchmark/memory_model.py --check                            # predictions against peaks measured here
 
 The model counts bytes; it runs nothing. For a Llama-shaped decoder (hidden h, layers n, MLP width i,
 key/value width kv, vocabulary V) of P parameters:
@@ -23,10 +24,19 @@ key/value width kv, vocabulary V) of P parameters:
   FSDP (ZeRO-3) divides weights, gradients, optimizer state and the frozen models by N (a layer's
   weights are gathered while it runs: one layer's worth more). Activations are per GPU either way.
 - sampling: the KV cache of the whole batch, 2 x n x kv x rows x (prompt + response) in the compute
-  dtype; it is freed before the update, so the peak is the larger of sampling and update.
-A fixed 1.5 GB per GPU covers the CUDA context and the allocator's slack.
+  dtype, beside the weights and optimizer state (gradients are freed after each step).
+- evaluation: a method that holds no reference in training (GRPO at kl_coef 0) loads one for the
+  held-out KL (--eval_samples > 0; with LoRA the adapters are switched off instead).
+The peak is the largest of update, sampling and evaluation, plus a fixed overhead: on a GPU 1.5 GB for
+the CUDA context and the allocator's slack; on CPU the Python runtime's resident memory with torch,
+transformers and the rest imported, which --check measures.
 """
-from dataclasses import dataclass
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
 import tyro
@@ -63,6 +73,17 @@ class Args:
     """sequences sampled at once (prompts x samples per process)"""
     kl_coef: float = 0.0
     """GRPO's: > 0 holds a reference model"""
+    eval_reference: bool = True
+    """the evaluation loads a reference for the KL when training holds none (--eval_samples > 0)"""
+    overhead_gb: float = OVERHEAD_GB
+    """memory outside the model: the CUDA context and allocator slack on a GPU; the Python runtime on CPU"""
+    check: bool = False
+    """run grpo.py and drpo.py here with the packaged 0.135B model for 2 iterations each (full, LoRA, gradient
+    checkpointing; about 15 minutes on 2 CPU cores) and print each measured peak beside its prediction"""
+    malloc_mmap_threshold: int = 65536
+    """--check: glibc's MALLOC_MMAP_THRESHOLD_ for the runs. 64 KiB: freed tensors leave the resident set at once,
+    so the peak counts live tensors, as torch.cuda.max_memory_allocated does on a GPU; 0: glibc's default, whose
+    heap keeps freed memory (the resident set a user sees)"""
 
 
 def parameters(s: dict) -> int:
@@ -105,12 +126,14 @@ def predict(s: dict, a: Args) -> dict:
     out["activations"] = models * acts
     out["logits"] = 3 * 4 * a.micro_batch_size * a.response_length * s["V"]
     kv_cache = 2 * s["n"] * kv * a.generation_rows * (a.prompt_length + a.response_length) * compute_bytes
+    eval_ref = frozen_bytes * P / shard_w if a.eval_reference and not has_ref and not a.lora_r else 0.0
     out = {k: v / GB for k, v in out.items()}
     update = sum(out.values())
-    sampling = sum(out[k] for k in ("weights", "gradients", "optimizer", "frozen models")) + kv_cache / GB
+    held = sum(out[k] for k in ("weights", "optimizer", "frozen models"))  # between steps: gradients are freed
     out["KV cache (sampling)"] = kv_cache / GB
-    out["overhead"] = OVERHEAD_GB
-    out["peak"] = max(update, sampling) + OVERHEAD_GB
+    out["reference (evaluation)"] = eval_ref / GB
+    out["overhead"] = a.overhead_gb
+    out["peak"] = max(update, held + kv_cache / GB, held + (eval_ref + kv_cache) / GB) + a.overhead_gb
     out["parameters (B)"] = P / 1e9
     return out
 
@@ -133,7 +156,67 @@ def table() -> str:
     return "\n".join(rows)
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (script, its flags, the prediction's settings): the packaged model's defaults otherwise
+CHECKS = [
+    ("grpo.py", [], dict(method="grpo")),
+    ("grpo.py", ["--lora_r", "16"], dict(method="grpo", lora_r=16)),
+    ("grpo.py", ["--gradient_checkpointing"], dict(method="grpo", gradient_checkpointing=True)),
+    ("grpo.py", ["--micro_batch_size", "32"], dict(method="grpo", micro_batch_size=32)),
+    ("drpo.py", [], dict(method="ppo", micro_batch_size=8, generation_rows=16)),
+    ("drpo.py", ["--lora_r", "16"], dict(method="ppo", micro_batch_size=8, generation_rows=16, lora_r=16)),
+]
+
+
+def runtime_gb() -> float:
+    """Peak resident memory of a Python process that imports what the training scripts import (CPU overhead)."""
+    code = ("import resource, sys; sys.path.insert(0, sys.argv[1]); import common.run, peft, torch; "
+            "torch.ones(1) @ torch.ones(1); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) * 1024 / GB
+
+
+def prompt_tokens() -> int:
+    """The longest arith training prompt in tokens, chat template included (the packaged model's tokenizer)."""
+    sys.path.insert(0, ROOT)
+    from common.models import EMBEDDED_MODEL, load_tokenizer
+    from common.tasks import encode_prompts, load_task
+
+    tokenizer = load_tokenizer(EMBEDDED_MODEL)
+    _, mask = encode_prompts(tokenizer, load_task("arith", "train"), 256, "arith")
+    return int(mask.sum(1).max())
+
+
+def check(malloc_mmap_threshold: int) -> None:
+    """Run each of CHECKS for 2 iterations and print its measured peak (RSS, final evaluation included) beside the
+    prediction for the packaged model's shape in fp32."""
+    overhead, prompt = runtime_gb(), prompt_tokens()
+    print(f"CPU, fp32, SmolLM2-135M (packaged); Python runtime {overhead:.2f} GB; prompts up to {prompt} tokens; "
+          f"2 iterations, 16 held-out prompts; MALLOC_MMAP_THRESHOLD_={malloc_mmap_threshold or 'default'}\n")
+    print("| script | flags | predicted GB | measured GB | error |\n|---|---|---|---|---|")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    if malloc_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(malloc_mmap_threshold)
+    errors = []
+    for script, flags, settings in CHECKS:
+        a = replace(Args(precision="fp32", prompt_length=prompt, response_length=24, micro_batch_size=16,
+                         generation_rows=64, overhead_gb=overhead), **settings)
+        predicted = predict(SHAPES["0.135B"], a)["peak"]
+        with tempfile.TemporaryDirectory() as out:
+            subprocess.run([sys.executable, script, "--num_iterations", "2", "--num_eval_prompts", "16",
+                            "--output_dir", out, *flags], cwd=ROOT, env=env, check=True, capture_output=True)
+            with open(os.path.join(out, f"{script[:-3]}__1", "metrics.jsonl")) as f:
+                measured = max(json.loads(line).get("perf/peak_memory_gb", 0) for line in f)
+        errors.append(predicted / measured - 1)
+        print(f"| {script} | {' '.join(flags) or '(defaults)'} | {predicted:.2f} | {measured:.2f} | "
+              f"{errors[-1]:+.1%} |", flush=True)
+    print(f"\nlargest error {max(errors, key=abs):+.1%}")
+
+
 def main(a: Args):
+    if a.check:
+        check(a.malloc_mmap_threshold)
+        return
     if a.shape is None:
         print("Predicted peak GB per GPU; micro-batch 8, prompt 64 + response 128 tokens, 64 rows sampled at once"
               " (--help for the assumptions)\n")

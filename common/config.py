@@ -42,7 +42,8 @@ class BaseArgs:
     """allow models whose code lives in their repository"""
     lora_r: int = 0
     """LoRA rank (0: train every weight). With LoRA only the adapters train, the reference policy is the policy
-    with its adapters disabled (no second copy), and model/ holds the adapters (peft)"""
+    with its adapters disabled (no second copy), and model/ holds the adapters (peft; --model_name takes that
+    folder: its base with the adapters merged)"""
     lora_alpha: float = 32.0
     """LoRA scale: the adapters' update is multiplied by lora_alpha / lora_r"""
     lora_target_modules: str = "all-linear"

@@ -542,6 +542,7 @@ def finish_run(run: Run, policy, ref_model=None, trained=None) -> None:
     trained = accelerator.unwrap_model(trained if trained is not None else policy)
     checksums = accelerator.gather(torch.tensor([param_checksum(trained)], dtype=torch.float64, device=run.device))
     metrics["dist/param_checksum_spread"] = (checksums.max() - checksums.min()).item()
+    metrics["perf/peak_memory_gb"] = peak_memory_gb(run.device)  # the whole run's, the final evaluation included
     report_evaluation(run, run.iteration, metrics, samples)
     accelerator.wait_for_everyone()
     save_policy(run, policy, os.path.join(run.run_dir, "model"))
