@@ -126,6 +126,11 @@ class PolicyAndValue(nn.Module):
         super().__init__()
         self.policy, self.value_model = policy, value_model
 
+    @property
+    def _no_split_modules(self):  # FSDP's units: each decoder layer, and the policy, which sampling calls alone
+        policy = getattr(self.policy, "get_base_model", lambda: self.policy)()  # LoRA: the model inside peft's
+        return [type(policy).__name__, *policy._no_split_modules, *self.value_model._no_split_modules]
+
     def forward(self, query_responses, attention_mask, response_length: int):
         """Logits (B, T, V) predicting each response token, and values (B, T) of the states they are chosen in."""
         logits = response_logits(self.policy, query_responses, attention_mask, response_length)

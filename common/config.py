@@ -43,7 +43,8 @@ class BaseArgs:
     lora_r: int = 0
     """LoRA rank (0: train every weight). With LoRA only the adapters train, the reference policy is the policy
     with its adapters disabled (no second copy), and model/ holds the adapters (peft; --model_name takes that
-    folder: its base with the adapters merged)"""
+    folder: its base with the adapters merged). Adapters want a larger --learning_rate than full training: on
+    arith, 1e-3 for grpo.py and 2e-4 for drpo.py learned (benchmark/README.md)"""
     lora_alpha: float = 32.0
     """LoRA scale: the adapters' update is multiplied by lora_alpha / lora_r"""
     lora_target_modules: str = "all-linear"

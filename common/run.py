@@ -109,8 +109,10 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def param_checksum(model) -> float:
-    """Sum of all parameters in float64: equal across processes when their weights are equal."""
-    return float(sum(p.detach().double().sum().item() for p in model.parameters()))
+    """Sum of all parameters in float64: equal across processes when their weights are equal (FSDP: of the whole
+    weights, gathered from the shards)."""
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+    return float(sum(p.detach().double().sum().item() for p in full))
 
 
 def open_run_dir(args: BaseArgs, accelerator) -> str:
@@ -279,11 +281,9 @@ def start_training(run: Run, policy, extra_metrics: Optional[dict] = None) -> in
     logged again). `extra_metrics` are logged with it (A*-PO's stage-1 seconds).
     """
     args = run.args
-    for model in run.accelerator._models:
-        if hasattr(model, "_get_fsdp_state") and hasattr(model, "value_model"):
-            raise UserError("PPO, PPO++ and DR-PO do not run under FSDP: their value head reads every position "
-                            "outside the value model's forward, which FSDP's shards do not allow. Use DDP or DeepSpeed "
-                            "ZeRO-2 (configs/ddp.yaml, configs/zero2.yaml), with --lora_r for large models")
+    for model in run.accelerator._models:  # FSDP: the first module to run forward becomes the root; PPO's pair must
+        if hasattr(model, "_get_fsdp_state"):  # be it, though sampling calls its policy alone first
+            model._get_fsdp_state()._lazy_init()
     start_iteration = load_checkpoint(run.accelerator, args.resume_from) if args.resume_from else 0
     run.iteration = start_iteration
     model = policy if start_iteration == 0 else load_causal_lm(args.model_name, run.device, torch.float32,
