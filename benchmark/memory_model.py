@@ -10,8 +10,11 @@ key/value width kv, vocabulary V) of P parameters:
 - weights: the policy in fp32 (its master copy: bf16 autocast keeps fp32 weights and casts them per
   matrix product, which caches a bf16 copy of each weight, 2 bytes x P more); frozen models (reference,
   reward) in bf16 under bf16, else fp32. With LoRA the reference is the policy with its adapters off: 0.
-- gradients and AdamW: 4 + 8 bytes per trained parameter (all of P, or the adapters' with LoRA).
-- activations kept for the backward pass, per token and layer: the two RMSNorms' inputs and outputs
+- gradients and AdamW: 4 + 8 bytes per trained parameter (all of P, or the adapters' with LoRA). With
+  one micro-batch per optimizer step, gradients fill in as the backward pass frees activations: the
+  update holds the larger of the two, not both.
+- activations kept for the backward pass, per token and layer (a micro-batch's response tokens, and its
+  prompts' tokens once per group of rows that share the prompt): the two RMSNorms' inputs and outputs
   (4h), q, k, v before and after rotary embedding and the attention output (3h + 3kv), the MLP's
   gate, up, SiLU and product (4i): 7h + 3kv + 4i values, in the compute dtype (fp32: 4 bytes, bf16:
   2, the norms' fp32 upcasts aside). SDPA keeps no s x s matrix. With gradient checkpointing only each
@@ -71,6 +74,12 @@ class Args:
     response_length: int = 128
     generation_rows: int = 64
     """sequences sampled at once (prompts x samples per process)"""
+    accumulation: bool = True
+    """several micro-batches per optimizer step: the first one's gradients are held while the next keeps its
+    activations (--no-accumulation: one micro-batch per step, whose gradients fill in as its activations are freed)"""
+    group_size: int = 1
+    """consecutive rows of a micro-batch that share their prompt (GRPO's num_generations): the update runs that prompt
+    through the model once for the group (not with gradient checkpointing, which takes one pass per row)"""
     kl_coef: float = 0.0
     """GRPO's: > 0 holds a reference model"""
     eval_reference: bool = True
@@ -117,7 +126,8 @@ def predict(s: dict, a: Args) -> dict:
     out["gradients"] = models * 4 * trained / shard_o
     out["optimizer"] = models * 8 * trained / shard_o
     out["frozen models"] = (frozen_bytes * P / shard_w) if has_ref and not a.lora_r else 0.0
-    tokens = a.micro_batch_size * (a.prompt_length + a.response_length)
+    groups = -(-a.micro_batch_size // (1 if a.gradient_checkpointing else a.group_size))  # prompts run in the update
+    tokens = a.micro_batch_size * a.response_length + groups * a.prompt_length
     per_token_layer = 7 * s["h"] + 3 * kv + 4 * s["i"]
     if a.gradient_checkpointing:
         acts = tokens * (s["n"] * s["h"] + per_token_layer) * compute_bytes
@@ -129,6 +139,8 @@ def predict(s: dict, a: Args) -> dict:
     eval_ref = frozen_bytes * P / shard_w if a.eval_reference and not has_ref and not a.lora_r else 0.0
     out = {k: v / GB for k, v in out.items()}
     update = sum(out.values())
+    if not a.accumulation:  # the backward pass frees activations as it allocates gradients: never both whole
+        update -= min(out["gradients"], out["activations"] + out["logits"])
     held = sum(out[k] for k in ("weights", "optimizer", "frozen models"))  # between steps: gradients are freed
     out["KV cache (sampling)"] = kv_cache / GB
     out["reference (evaluation)"] = eval_ref / GB
@@ -148,6 +160,7 @@ def table() -> str:
     for name, s in SHAPES.items():
         for method in ("grpo", "ppo"):
             for mode, kw in modes.items():
+                kw = {**kw, "group_size": 8 if method == "grpo" else 1}  # GRPO's 8 samples per prompt
                 one = predict(s, Args(method=method, **kw))["peak"]
                 z2 = predict(s, Args(method=method, sharding="zero2", num_gpus=8, **kw))["peak"]
                 fsdp = predict(s, Args(method=method, sharding="fsdp", num_gpus=8, **kw))["peak"]
@@ -159,12 +172,13 @@ def table() -> str:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (script, its flags, the prediction's settings): the packaged model's defaults otherwise
 CHECKS = [
-    ("grpo.py", [], dict(method="grpo")),
-    ("grpo.py", ["--lora_r", "16"], dict(method="grpo", lora_r=16)),
-    ("grpo.py", ["--gradient_checkpointing"], dict(method="grpo", gradient_checkpointing=True)),
-    ("grpo.py", ["--micro_batch_size", "32"], dict(method="grpo", micro_batch_size=32)),
-    ("drpo.py", [], dict(method="ppo", micro_batch_size=8, generation_rows=16)),
-    ("drpo.py", ["--lora_r", "16"], dict(method="ppo", micro_batch_size=8, generation_rows=16, lora_r=16)),
+    ("grpo.py", [], dict(method="grpo", group_size=8)),
+    ("grpo.py", ["--lora_r", "16"], dict(method="grpo", group_size=8, lora_r=16)),
+    ("grpo.py", ["--gradient_checkpointing"], dict(method="grpo", group_size=8, gradient_checkpointing=True)),
+    ("grpo.py", ["--micro_batch_size", "32"], dict(method="grpo", group_size=8, micro_batch_size=32)),
+    ("drpo.py", [], dict(method="ppo", micro_batch_size=8, generation_rows=16, accumulation=False)),
+    ("drpo.py", ["--lora_r", "16"], dict(method="ppo", micro_batch_size=8, generation_rows=16, accumulation=False,
+                                          lora_r=16)),
 ]
 
 
