@@ -148,7 +148,7 @@ class PolicyAndValue(nn.Module):
     @property
     def _no_split_modules(self):  # FSDP's units: each decoder layer, and the policy, which sampling calls alone
         policy = getattr(self.policy, "get_base_model", lambda: self.policy)()  # LoRA: the model inside peft's
-        return [type(policy).__name__, *policy._no_split_modules, *self.value_model._no_split_modules]
+        return [type(policy).__name__, *(policy._no_split_modules or []), *(self.value_model._no_split_modules or [])]
 
     def forward(self, query_responses, attention_mask, response_length: int):
         """Logits (B, T, V) predicting each response token, and values (B, T) of the states they are chosen in."""

@@ -8,7 +8,8 @@
 The model counts bytes; it runs nothing. For a Llama-shaped decoder (hidden h, layers n, MLP width i,
 key/value width kv, vocabulary V) of P parameters:
 - weights: the policy in fp32 (its master copy: bf16 autocast keeps fp32 weights and casts them per
-  matrix product, which caches a bf16 copy of each weight, 2 bytes x P more); frozen models (reference,
+  matrix product, caching a bf16 copy of each weight that trains: 2 bytes more per trained parameter; a
+  frozen LoRA base is cast again at each product, never cached); frozen models (reference,
   reward) in bf16 under bf16, else fp32. With LoRA the reference is the policy with its adapters off: 0.
 - gradients and AdamW: 4 + 8 bytes per trained parameter (all of P, or the adapters' with LoRA). With
   one micro-batch per optimizer step, gradients fill in as the backward pass frees activations: the
@@ -120,7 +121,7 @@ def predict(s: dict, a: Args) -> dict:
     models = 2 if a.method == "ppo" else 1  # PPO's value model is a second trained model
     has_ref = a.method in ("ppo", "apo") or (a.method == "grpo" and a.kl_coef > 0)
     out = {}
-    out["weights"] = models * 4 * P / shard_w + (models * 2 * P / shard_w if a.precision == "bf16" else 0)
+    out["weights"] = models * 4 * P / shard_w + (models * 2 * trained / shard_w if a.precision == "bf16" else 0)
     if a.sharding == "fsdp" and N > 1:
         out["weights"] += models * (4 + (2 if a.precision == "bf16" else 0)) * P / s["n"]  # one gathered layer
     out["gradients"] = models * 4 * trained / shard_o
