@@ -68,11 +68,17 @@ class Args:
     lora_r: int = 0
     """LoRA rank on every linear layer (0: full training)"""
     gradient_checkpointing: bool = False
+    """keep only each layer's input for the backward pass and recompute the rest"""
     sharding: Literal["ddp", "zero2", "fsdp"] = "ddp"
+    """ddp: a full copy per GPU; zero2: gradients and optimizer state sharded; fsdp: weights and frozen models too"""
     num_gpus: int = 1
+    """GPUs the sharded state is divided over"""
     micro_batch_size: int = 8
+    """sequences per forward/backward on one GPU"""
     prompt_length: int = 64
+    """prompt tokens per sequence"""
     response_length: int = 128
+    """response tokens per sequence"""
     generation_rows: int = 64
     """sequences sampled at once (prompts x samples per process)"""
     accumulation: bool = True
