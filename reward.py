@@ -494,3 +494,4 @@ if __name__ == "__main__":
               f"[reward] metrics, pairs and the model (pass it as --reward_model) are in {run_dir}")
     if wandb_run is not None:
         wandb_run.finish()
+    accelerator.end_training()  # ends the process group: left to the interpreter's exit, gloo can abort (SIGABRT)

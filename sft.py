@@ -344,3 +344,4 @@ if __name__ == "__main__":
               f"[sft] metrics, samples and the model (from_pretrained; pass it as --model_name) are in {run_dir}")
     if wandb_run is not None:
         wandb_run.finish()
+    accelerator.end_training()  # ends the process group: left to the interpreter's exit, gloo can abort (SIGABRT)

@@ -553,3 +553,4 @@ def finish_run(run: Run, policy, ref_model=None, trained=None) -> None:
               f"{summary}\n[{args.exp_name}] metrics, samples and the model (from_pretrained) are in {run.run_dir}")
     if run.wandb_run is not None:
         run.wandb_run.finish()
+    accelerator.end_training()  # ends the process group: left to the interpreter's exit, gloo can abort (SIGABRT)
