@@ -72,7 +72,7 @@ from common.generation import generate, truncate_after_eos
 from common.models import (EMBEDDED_MODEL, add_lora, enable_gradient_checkpointing, load_causal_lm, load_reward_model,
                            load_tokenizer, merge_lora, resolve_model, save_model)
 from common.rewards import VERIFIERS, encode_for_reward_model, reward_model_texts, score_with_verifier
-from common.run import make_accelerator, param_checksum, peak_memory_gb, seed_everything
+from common.run import end_processes, make_accelerator, param_checksum, peak_memory_gb, seed_everything
 from common.tasks import DataError, encode_prompts, load_preference_task, load_task
 from common.tracking import init_wandb, log_metrics
 from common.training import adamw, linear_schedule
@@ -494,4 +494,4 @@ if __name__ == "__main__":
               f"[reward] metrics, pairs and the model (pass it as --reward_model) are in {run_dir}")
     if wandb_run is not None:
         wandb_run.finish()
-    accelerator.end_training()  # ends the process group: left to the interpreter's exit, gloo can abort (SIGABRT)
+    end_processes(accelerator)

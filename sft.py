@@ -45,7 +45,7 @@ from common.evaluation import evaluate
 from common.models import (EMBEDDED_MODEL, add_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer,
                            merge_lora, save_model)
 from common.rewards import VERIFIERS, score_with_verifier
-from common.run import make_accelerator, param_checksum, peak_memory_gb, seed_everything
+from common.run import end_processes, make_accelerator, param_checksum, peak_memory_gb, seed_everything
 from common.tasks import DataError, encode_prompts, format_prompt, load_task
 from common.tracking import format_samples, init_wandb, log_metrics, write_samples
 from common.training import adamw, linear_schedule
@@ -344,4 +344,4 @@ if __name__ == "__main__":
               f"[sft] metrics, samples and the model (from_pretrained; pass it as --model_name) are in {run_dir}")
     if wandb_run is not None:
         wandb_run.finish()
-    accelerator.end_training()  # ends the process group: left to the interpreter's exit, gloo can abort (SIGABRT)
+    end_processes(accelerator)
