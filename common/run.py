@@ -110,9 +110,9 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def param_checksum(model) -> float:
     """Sum of all parameters in float64: equal across processes when their weights are equal (FSDP: of the whole
-    weights, gathered from the shards)."""
-    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
-    return float(sum(p.detach().double().sum().item() for p in full))
+    weights, each gathered from its shards in turn, so one full parameter at a time is held)."""
+    return float(sum((p.full_tensor() if hasattr(p, "full_tensor") else p).detach().sum(dtype=torch.float64).item()
+                     for p in model.parameters()))
 
 
 def open_run_dir(args: BaseArgs, accelerator) -> str:
