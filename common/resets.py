@@ -20,13 +20,15 @@ def sample_rollin_lengths(prefix_lengths, reset_prob: float, generator, max_frac
     """
     lengths = prefix_lengths.cpu()
     if isinstance(generator, torch.Generator):
-        u, coin = torch.rand(lengths.shape, generator=generator), torch.rand(lengths.shape, generator=generator)
+        u = torch.rand(lengths.shape, generator=generator, dtype=torch.float64)
+        coin = torch.rand(lengths.shape, generator=generator, dtype=torch.float64)
     else:
         seed, iteration, rows = generator
         u, coin = torch.tensor(np.array([np.random.default_rng([seed, iteration, int(r)]).random(2) for r in rows]),
-                               dtype=torch.float32).reshape(-1, 2).T  # (B,) each
-    longest = ((lengths - 1).float() * max_fraction).long().clamp(min=1)  # (B,)
-    h = 1 + (u * longest.float()).long()  # uniform on {1..longest}
+                               dtype=torch.float64).reshape(-1, 2).T  # (B,) each
+    # float64 throughout: a float32 draw within 2^-25 of 1 rounds to 1.0 and would give h = longest + 1
+    longest = ((lengths - 1).double() * max_fraction).long().clamp(min=1)  # (B,)
+    h = torch.minimum(1 + (u * longest.double()).long(), longest)  # uniform on {1..longest}
     reset = (coin < reset_prob) & (lengths > 1)
     return torch.where(reset, h, torch.zeros_like(h)).to(prefix_lengths.device)
 

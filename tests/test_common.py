@@ -80,10 +80,24 @@ def test_rollin_lengths_are_uniform_below_length():
     assert set(h[:4000].tolist()) == {1, 2, 3, 4}  # Uniform{1..len-1}
     assert h[4000:].tolist() == [0, 0]  # nothing to force
     counts = torch.bincount(h[:4000], minlength=5)[1:].float() / 4000
+    # binomial standard deviation of a frequency of 0.25 over 4000 draws: sqrt(0.25 * 0.75 / 4000) = 0.0068; 0.04
+    # is 5.8 of them (a fixed seed besides), while an off-by-one in the range moves a count by 0.25 or more
     assert torch.allclose(counts, torch.full((4,), 0.25), atol=0.04)
     assert sample_rollin_lengths(lengths, 0.0, g).sum().item() == 0
     mixed = sample_rollin_lengths(torch.tensor([5] * 4000), 0.3, g)
-    assert 0.25 < (mixed > 0).float().mean().item() < 0.35
+    assert 0.25 < (mixed > 0).float().mean().item() < 0.35  # sd sqrt(0.3 * 0.7 / 4000) = 0.0072: 7 of them
+
+
+def test_a_draw_next_to_one_still_leaves_the_policy_a_token():
+    """Seed 1379, iteration 6, row 208 draws u = 0.99999998 (within 2^-25 of 1, which float32 rounds to 1.0):
+    h stays at most len - 1 for every length, so the demonstration's last token (its EOS) is never forced."""
+    import numpy as np
+
+    u = np.random.default_rng([1379, 6, 208]).random(2)[0]
+    assert u < 1 and np.float32(u) == 1.0  # the case: float32 rounds this draw up to 1
+    lengths = torch.tensor([2, 3, 5, 8, 24])
+    h = sample_rollin_lengths(lengths, 1.0, (1379, 6, [208] * 5))
+    assert h.tolist() == [1, 2, 4, 7, 23]  # floor(u * (len - 1)) + 1 = len - 1: the deepest reset, not past it
 
 
 @pytest.mark.parametrize("text,answer", [
