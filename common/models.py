@@ -1,11 +1,14 @@
 """Load policy, reference, reward and value models and their tokenizer; save the result."""
+import contextlib
 import functools
 import importlib.util
 import json
 import os
+import random
 import shutil
 import socket
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -30,6 +33,17 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def keep_random_state():
+    """Run a block without moving the global generators (random, numpy, torch CPU): a model built or converted in it
+    leaves a run's randomness as a cache hit would."""
+    state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+
+
 def embedded_model_dir() -> str:
     """Convert the packaged GGUF SmolLM2-135M-Instruct to a cached transformers folder (once) and return it."""
     out = os.path.join(CACHE_DIR, "SmolLM2-135M-Instruct")
@@ -44,22 +58,23 @@ def embedded_model_dir() -> str:
         )
     src = os.path.dirname(spec.origin)
     print(f"[models] converting the packaged {EMBEDDED_GGUF} to {out} (once, about 20 s)")
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=EMBEDDED_GGUF)
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        tokenizer.pad_token = "<|endoftext|>"  # a pad distinct from EOS, so masks never hide a real EOS
-    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
-    config = gguf_model.config
-    del config.quantization_config  # save_pretrained refuses a gguf quantization_config
-    config.pad_token_id = tokenizer.pad_token_id
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(gguf_model.state_dict())
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = f"{out}.tmp{os.getpid()}"
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if not os.path.exists(out):  # another process may have finished first
-        os.replace(tmp, out)
-    shutil.rmtree(tmp, ignore_errors=True)
+    with keep_random_state():  # the first run on a machine draws as every later one
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=EMBEDDED_GGUF)
+        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+            tokenizer.pad_token = "<|endoftext|>"  # a pad distinct from EOS, so masks never hide a real EOS
+        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+        config = gguf_model.config
+        del config.quantization_config  # save_pretrained refuses a gguf quantization_config
+        config.pad_token_id = tokenizer.pad_token_id
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        tmp = f"{out}.tmp{os.getpid()}"
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if not os.path.exists(out):  # another process may have finished first
+            os.replace(tmp, out)
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -273,7 +273,7 @@ def report_evaluation(run: Run, step: int, metrics: dict, samples) -> None:
 
 
 def start_training(run: Run, policy, extra_metrics: Optional[dict] = None) -> int:
-    """Restore the checkpoint of --resume_from (after `accelerator.prepare`), then evaluate the reference policy:
+    """Seed, restore the checkpoint of --resume_from (after `accelerator.prepare`), then evaluate the reference policy:
     the policy before training, that every later evaluation is compared with. Returns the first iteration - 1.
 
     The reference's scores give the win rate, its metrics the summary at the end. When resuming, a
@@ -281,6 +281,9 @@ def start_training(run: Run, policy, extra_metrics: Optional[dict] = None) -> in
     logged again). `extra_metrics` are logged with it (A*-PO's stage-1 seconds).
     """
     args = run.args
+    # seeded again now that every model is loaded or built: however much randomness the set-up drew (a conversion, a
+    # new score head, LoRA), training and evaluation draw the same; a checkpoint's own generator states replace these
+    seed_everything(args.seed + run.accelerator.process_index * 100003)
     for model in run.accelerator._models:  # FSDP: the first module to run forward becomes the root; PPO's pair must
         if hasattr(model, "_get_fsdp_state"):  # be it, though sampling calls its policy alone first
             model._get_fsdp_state()._lazy_init()
