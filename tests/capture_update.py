@@ -3,9 +3,10 @@ the harness of test_invariance.py.
 
     python tests/capture_update.py BATCH_FILE OUT_DIR NAME script.py [flags...] [-- NAME script.py [flags...]]...
 
-The first configuration that finds no BATCH_FILE samples its rollouts and records them there; every
-later one (in this process or another) replays them, so all see the same responses to the same
-prompts whatever their micro-batch size or number of processes. Each configuration stops at its first
+The first configuration that finds no BATCH_FILE samples its rollouts, ends each response with an EOS at
+a position of its own (or none), and records them there; every later one (in this process or another)
+replays them, so all see the same responses, of different lengths, to the same prompts whatever their
+micro-batch size or number of processes. Each configuration stops at its first
 `optimizer_step`: the main process saves the accumulated, process-averaged gradient (before clipping)
 to OUT_DIR/NAME.pt (that of the first and last decoder layers). Nothing in the algorithm files changes:
 the harness replaces `common.run.rollout`, `common.training.optimizer_step` and `common.run.save_on_failure`
@@ -15,6 +16,7 @@ import contextlib
 import os
 import runpy
 import sys
+import zlib
 
 import accelerate
 import torch
@@ -49,13 +51,18 @@ def main():
             row = tuple(i for i, m in zip(ids, mask) if m)  # the real tokens: padding differs with the batch
             copy = seen[row] = seen.get(row, -1) + 1
             keys.append((row, copy))
-        if record:
-            out = real_rollout(run, model, queries, query_mask, temperature, response_length)
-            for key, response in zip(keys, out[0]):
-                recorded[key] = response.clone()
-            return out
-        responses = torch.stack([recorded[key] for key in keys]).to(queries.device)
         tokenizer = run.tokenizer
+        if record:
+            responses = real_rollout(run, model, queries, query_mask, temperature, response_length)[0].clone()
+            # an EOS at a position of the row's own choosing (or none): the responses' lengths differ, so a loss
+            # normalised by the wrong token count shows, whether or not the model samples EOS itself
+            for i, key in enumerate(keys):
+                position = zlib.crc32(repr(key).encode()) % (responses.shape[1] + 3)
+                if position < responses.shape[1]:
+                    responses[i, position] = tokenizer.eos_token_id
+                recorded[key] = responses[i].clone()
+            return common.run.truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        responses = torch.stack([recorded[key] for key in keys]).to(queries.device)
         return common.run.truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
 
     def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm):

@@ -54,13 +54,45 @@ def tiny_reward_dir(tmp_path_factory, tokenizer):
     return path
 
 
-def run_script(args, timeout=600, cwd=ROOT):
-    """Run a command from the project root with offline settings; fail the test with its output."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (f"{' '.join(args)} failed ({proc.returncode}):\n"
+def script_env(**extra):
+    """The environment of the scripts the tests run: offline, one thread, the project importable."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT,
+            **extra}
+
+
+def start_script(args, cwd=ROOT, **extra_env):
+    """Start `python script.py ...` or `python -m torch.distributed.run ... script.py ...` (forked from the warm
+    server, tests/warm.py) or any other command (a subprocess); `.wait(timeout)` gives its CompletedProcess."""
+    import warm
+
+    env = script_env(**extra_env)
+    if warm.can_run(args):
+        return warm.Started(args, cwd, env)
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    class Waiting:
+        def wait(self, timeout=None):
+            out, err = proc.communicate(timeout=timeout)
+            return subprocess.CompletedProcess(args, proc.returncode, out, err)
+    return Waiting()
+
+
+def check(proc):
+    """`proc` (a CompletedProcess), or fail the test with its output."""
+    assert proc.returncode == 0, (f"{' '.join(map(str, proc.args))} failed ({proc.returncode}):\n"
                                   f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def run_script(args, timeout=600, cwd=ROOT, **extra_env):
+    """Run a command from the project root with offline settings; fail the test with its output."""
+    return check(start_script(args, cwd, **extra_env).wait(timeout))
+
+
+def run_together(commands, timeout=600):
+    """Run independent commands at once (2 cores); fail with the output of any that fails."""
+    started = [start_script(cmd) for cmd in commands]
+    return [check(s.wait(timeout)) for s in started]
 
 
 def read_jsonl(path):

@@ -1,7 +1,5 @@
 """The embedded multi-step task (chain2..chain5): its verifier on hand-made solutions, disjoint splits, correct
 demonstrations and pairs, reset states built from demonstrations, and every script on it."""
-import os
-import subprocess
 import sys
 
 import pytest
@@ -10,7 +8,7 @@ import torch
 from common.resets import build_reset_states, sample_rollin_lengths, tokenize_demonstrations
 from common.rewards import verify_chain
 from common.tasks import CHAIN_TASKS, chain_questions, load_preference_task, load_task
-from conftest import ROOT, read_jsonl
+from conftest import read_jsonl, run_together
 
 ROW = {"answer": "47"}
 
@@ -90,14 +88,9 @@ def test_every_script_runs_on_the_chain_task(tiny_model_dir, tiny_reward_dir, tm
                           "--pairs", "dataset", "--num_train_prompts", "8", "--num_eval_prompts", "4",
                           "--batch_size", "4", "--micro_batch_size", "2", "--epochs", "1", "--output_dir",
                           str(tmp_path)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     names = list(commands)
     for pair in (names[i:i + 2] for i in range(0, len(names), 2)):  # two at a time on two cores
-        procs = {n: subprocess.Popen(commands[n], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True) for n in pair}
-        for name, proc in procs.items():
-            out, err = proc.communicate(timeout=600)
-            assert proc.returncode == 0, f"{name}.py on chain3 failed:\n{err[-3000:]}"
+        run_together([commands[n] for n in pair])
     for name in ("ppo", "ppo_pp", "drpo", "rebel", "apo", "grpo"):
         final = read_jsonl(tmp_path / f"{name}__1" / "metrics.jsonl")[-1]
         assert 0 <= final["eval/accuracy"] <= 1 and "eval/pass@1" in final

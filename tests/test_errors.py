@@ -5,7 +5,6 @@ every bad input tried and the line it gets.
 """
 import json
 import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, start_script  # noqa: E402
 
 TINY = {"--num_iterations": "2", "--prompts_per_iteration": "4", "--micro_batch_size": "2", "--response_length": "8",
         "--num_eval_prompts": "8", "--eval_batch_size": "8", "--num_train_prompts": "32"}  # a case's flags override
@@ -81,16 +80,13 @@ def run_cases(tiny, rm, work):
         if "token" in name or name.endswith(".jinja"):
             with open(os.path.join(rm, name), "rb") as src, open(os.path.join(nan_rm, name), "wb") as dst:
                 dst.write(src.read())
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-
     def run(i):
         script, flags, _ = CASES[i]
         out = os.path.join(work, f"case{i}")
         flags = [x.format(tiny=tiny, rm=rm, nan_rm=nan_rm, data=data) for x in flags]
         common = {"--model_name": tiny, "--output_dir": out, **(TINY if script not in ("sft.py", "reward.py") else {})}
         common = [x for k, v in common.items() if k not in flags for x in (k, v)]
-        proc = subprocess.run([sys.executable, script, *common, *flags], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=600)
+        proc = start_script([sys.executable, script, *common, *flags]).wait(600)
         return proc.returncode, proc.stdout, proc.stderr, out
 
     with ThreadPoolExecutor(max_workers=2) as pool:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, read_jsonl, run_script
+from conftest import ROOT, read_jsonl, run_script, start_script
 
 TINY = ["--num_iterations", "4", "--prompts_per_iteration", "4", "--grpo.num_generations", "2",
         "--micro_batch_size", "2", "--num_minibatches", "2", "--response_length", "8", "--num_eval_prompts", "8",
@@ -44,13 +44,9 @@ def _command(tiny_model_dir, tiny_reward_dir, out, *extra):
 @pytest.mark.parametrize("where,target,count,left", KILL_POINTS, ids=[k[0] for k in KILL_POINTS])
 def test_killed_and_resumed_run_ends_as_an_uninterrupted_one(where, target, count, left, uninterrupted,
                                                              tiny_model_dir, tiny_reward_dir, tmp_path):
-    import subprocess
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     killer = os.path.join(ROOT, "tests", "kill_at.py")
     cmd = _command(tiny_model_dir, tiny_reward_dir, tmp_path)
-    killed = subprocess.run([cmd[0], killer, target, str(count), *cmd[1:]], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
+    killed = start_script([cmd[0], killer, target, str(count), *cmd[1:]]).wait(600)
     assert killed.returncode == -9, f"not killed at {target} #{count}:\n{killed.stderr[-3000:]}"
     (run_dir,) = [p for p in tmp_path.iterdir() if p.name.startswith("grpo__1__")]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == left  # the kill landed where it should

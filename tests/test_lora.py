@@ -26,6 +26,8 @@ def test_reference_by_disabled_adapters_equals_a_separate_reference(tiny_model_d
         separate = forward_logprobs(reference, ids, mask, 6, 1.0)
         disabled = forward_logprobs(AdaptersOff(policy), ids, mask, 6, 1.0)
         adapted = forward_logprobs(policy, ids, mask, 6, 1.0)
+    # the same float32 operations on the same weights: log-probs of ~ln(49152) = 11 differ by a few roundings of
+    # 2^-24 x 11 = 7e-7 at most; 1e-5 allows ~15 of them, while the adapters move them by > 1e-3 (next line)
     assert torch.allclose(disabled, separate, atol=1e-5)
     assert (adapted - separate).abs().max() > 1e-3  # the adapters do change the policy
     assert sum(p.numel() for p in AdaptersOff(policy).parameters()) == 0  # no second copy
@@ -50,6 +52,10 @@ def test_a_lora_run_saves_adapters_that_load_and_merge(tiny_model_dir, tiny_rewa
         base = load_causal_lm(tiny_model_dir, torch.device("cpu"), torch.float32)
         with torch.no_grad():
             a, b, c = loaded(ids).logits, merged(ids).logits, base(ids).logits
+        # W + s B A merged, or x W + s (x A) B: float32 sums in another order. A logit sums 64 products of a 2-layer
+        # model's O(1) activations and weights, so reordering moves it by at most ~64 x 2^-24 x 64 = 2.4e-4 of the
+        # terms' scale (~1e-2 here) = 2e-6 per layer; 1e-4 holds that with room, and an unmerged or missing
+        # adapter moves logits by the training's change (> 1e-4, next line)
         assert torch.allclose(a, b, atol=1e-4)
         assert (a - c).abs().max() > 1e-4  # training moved the adapters
 
@@ -70,6 +76,8 @@ def test_saved_adapters_reload_to_the_same_evaluation(tiny_model_dir, tiny_rewar
     reloaded = read_jsonl(tmp_path / "reloaded" / "grpo__1" / "metrics.jsonl")[0]
     assert trained["eval/kl"] > 0  # the adapters moved the policy (the reloaded one is its own reference: KL 0)
     for key in ("eval/reward", "eval/sample_reward", "eval/response_length", "eval/eos_rate", "eval/accuracy"):
+        # the same responses (checked below) scored by the same reward model: means of 8 or 16 float32 scores of
+        # O(1) agree to ~1e-7; 1e-5 leaves room, and one response scored differently moves a mean by ~1e-2
         assert abs(reloaded[key] - trained[key]) < 1e-5, key
     samples = read_jsonl(tmp_path / "run" / "grpo__1" / "eval_samples.jsonl")
     again = read_jsonl(tmp_path / "reloaded" / "grpo__1" / "eval_samples.jsonl")

@@ -128,6 +128,8 @@ def test_stored_normalisation_is_applied_when_scoring(tiny_reward_dir, tokenizer
     reloaded = load_reward_model(str(tmp_path / "rm"), torch.device("cpu"), torch.float32, tokenizer.pad_token_id)
     assert (reloaded.config.reward_mean, reloaded.config.reward_std) == (0.25, 2.0)  # the config carries them
     normalised = score(rows, texts, None, reloaded, tokenizer, batch_size=1)
+    # the same scores through batches of 1 instead of 2 (float32, O(1) scores: ~1e-6 apart), shifted and halved;
+    # normalisation missed or applied twice moves them by ~1e-1
     assert normalised.tolist() == pytest.approx(((raw - 0.25) / 2.0).tolist(), abs=1e-4)
     assert normalize_rewards(raw, SimpleNamespace()).tolist() == raw.tolist()  # no stored values: unchanged
 
@@ -174,6 +176,8 @@ def test_reward_smoke_normalised_and_cached(tiny_model_dir, tokenizer, tmp_path)
     pairs = read_jsonl(run_dir / "train_pairs.jsonl")
     scores = score(pairs * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], None, model, tokenizer,
                    batch_size=16)
+    # float32 means over 64 scores of O(1) are exact to ~1e-6; 1e-3 is loose for that, tight for a normalisation
+    # taken from other responses (a mean off by ~1e-1)
     assert (scores.mean().item() == pytest.approx(0.0, abs=1e-3)
             and scores.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-3))
     # a second run reuses the cached samples

@@ -2,12 +2,11 @@
 gradient; beta = 0 reproduces ppo.py; smoke, resume, reward-model and two-process runs of the tiny model."""
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, read_jsonl
+from conftest import ROOT, read_jsonl, run_together
 from safetensors.torch import load_file
 
 from ppo import PolicyAndValue, clipped_policy_loss, clipped_value_loss, compute_gae, masked_whiten, per_token_rewards
@@ -141,17 +140,6 @@ def test_rollin_tokens_get_no_gradient(tiny_model_dir, tiny_reward_dir, tokenize
 # ---------------------------------------------------------------------------------------------
 # Runs of the scripts on the tiny model
 # ---------------------------------------------------------------------------------------------
-def run_together(commands):
-    """Run independent commands at once (2 cores: most of a tiny run is start-up);
-    fail with the output of any that fails."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for cmd in commands]
-    for cmd, proc in zip(commands, procs):
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-5000:]}"
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tiny_reward_dir, tmp_path_factory):
     """Run folders of: ppo.py; ppo_pp.py and drpo.py with beta = 0; ppo_pp.py with resets and a reward model

@@ -1,7 +1,8 @@
-"""The one sampler (common/generation.py) on the packaged SmolLM2-135M, both ways (--sampler plain and static):
-greedy output equals transformers' `generate`, sampled tokens' log-probs equal the scoring pass's, prompt
-bucketing changes no output, the static way applies no sampling defaults of the model, and a group's shared
-prompt gives the same log-probs and gradients as running every row alone."""
+"""The one sampler (common/generation.py), both ways (--sampler plain and static): on the packaged SmolLM2-135M, whose
+rows end at different steps, greedy output equals transformers' `generate` and sampled tokens' log-probs equal the
+scoring pass's; on the 2-layer test model, prompt bucketing changes no output, the static way applies no sampling
+defaults of the model, and a group's shared prompt gives the same log-probs and gradients as running every row
+alone."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,9 +19,16 @@ def smollm():
 
 
 @pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    """The 2-layer test model: for the checks of the static sampler's own logic (bucketing, the model's sampling
+    defaults), which do not depend on what the model says."""
+    return load_causal_lm(tiny_model_dir, torch.device("cpu"), torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
 def prompts(tokenizer):
-    """12 held-out arith prompts, each twice in a row (a group of 2), left-padded: (24, P)."""
-    rows = load_task("arith", "test", None, 12)
+    """6 held-out arith prompts, each twice in a row (a group of 2), left-padded: (12, P)."""
+    rows = load_task("arith", "test", None, 6)
     ids, mask = encode_prompts(tokenizer, rows, 256, "test")
     return ids.repeat_interleave(2, dim=0), mask.repeat_interleave(2, dim=0)
 
@@ -61,11 +69,16 @@ def test_sampled_logprobs_equal_the_scoring_pass(smollm, tokenizer, prompts, tem
         scored = forward_logprobs(smollm, query_responses, attention_mask, 24, temperature)  # groups share prompts
         alone = torch.cat([forward_logprobs(smollm, query_responses[i:i + 1], attention_mask[i:i + 1], 24,
                                             temperature) for i in range(len(ids))])  # every row on its own
+    # one token at a time with a KV cache, or the whole sequence at once, or one row without padding: the same float32
+    # sums in another order through 30 layers. A log-prob is at most ~20 here; each layer's reordering moves the
+    # residual stream by ~sqrt(576) x 2^-24 = 1.4e-6 of its scale, ~4e-5 over 30 layers, 20 x 4e-5 = 8e-4 in the
+    # worst case and ~1e-5 typically. 2e-4 sits between; a log-prob taken at the wrong position, with the wrong
+    # temperature or with a padding token in the context moves it by ~1e-1 or more
     assert (sampled_lp - scored)[real].abs().max() < 2e-4
     assert (alone - scored)[real].abs().max() < 2e-4
 
 
-def test_prompt_buckets_change_no_output(smollm, tokenizer, prompts, monkeypatch):
+def test_prompt_buckets_change_no_output(tiny, tokenizer, prompts, monkeypatch):
     """Static sampler: prompts padded to 64 columns (the bucket) give the tokens that unpadded prompts give
     (bucket 1), greedy and sampled with the same seed; the plain loop's output does not move with extra padding."""
     ids, mask = prompts
@@ -75,30 +88,30 @@ def test_prompt_buckets_change_no_output(smollm, tokenizer, prompts, monkeypatch
         monkeypatch.setattr(generation, "PROMPT_BUCKET", bucket)
         for temperature in (0.0, 1.0):
             torch.manual_seed(0)
-            outputs.append(generate_static(smollm, ids, mask, 16, temperature, tokenizer.pad_token_id,
+            outputs.append(generate_static(tiny, ids, mask, 16, temperature, tokenizer.pad_token_id,
                                            tokenizer.eos_token_id))
     assert torch.equal(outputs[0], outputs[2]) and torch.equal(outputs[1], outputs[3])
     padded_ids = F.pad(ids, (7, 0), value=tokenizer.pad_token_id)
     padded_mask = F.pad(mask, (7, 0), value=0)
     monkeypatch.setitem(generation.SAMPLER, "mode", "plain")
-    plain = [generate(smollm, i, m, 16, 0.0, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    plain = [generate(tiny, i, m, 16, 0.0, tokenizer.pad_token_id, tokenizer.eos_token_id)
              for i, m in ((ids, mask), (padded_ids, padded_mask))]
     assert torch.equal(plain[0], plain[1])
 
 
-def test_static_sampler_ignores_the_models_sampling_defaults(smollm, tokenizer, prompts):
+def test_static_sampler_ignores_the_models_sampling_defaults(tiny, tokenizer, prompts):
     """A model whose generation_config asks for top-k 1 and a repetition penalty (as some hub models ship) still
     gets pure sampling and plain greedy decoding from the static sampler."""
     ids, mask = prompts
-    plain_greedy = generate_static(smollm, ids, mask, 16, 0.0, tokenizer.pad_token_id, tokenizer.eos_token_id)
-    saved = smollm.generation_config
-    smollm.generation_config = type(saved)(top_k=1, repetition_penalty=3.0, do_sample=True)
+    plain_greedy = generate_static(tiny, ids, mask, 16, 0.0, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    saved = tiny.generation_config
+    tiny.generation_config = type(saved)(top_k=1, repetition_penalty=3.0, do_sample=True)
     try:
-        greedy = generate_static(smollm, ids, mask, 16, 0.0, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        greedy = generate_static(tiny, ids, mask, 16, 0.0, tokenizer.pad_token_id, tokenizer.eos_token_id)
         torch.manual_seed(0)
-        sampled = generate_static(smollm, ids, mask, 16, 1.0, tokenizer.pad_token_id, tokenizer.eos_token_id)
+        sampled = generate_static(tiny, ids, mask, 16, 1.0, tokenizer.pad_token_id, tokenizer.eos_token_id)
     finally:
-        smollm.generation_config = saved
+        tiny.generation_config = saved
     assert torch.equal(greedy, plain_greedy)  # no repetition penalty
     assert not torch.equal(sampled, greedy)  # top-k 1 would make sampling greedy
 
@@ -119,4 +132,7 @@ def test_a_shared_prompt_gives_the_same_gradients(tiny_model_dir, tokenizer):
             lp = forward_logprobs(model, query_responses[rows_], attention_mask[rows_], 6, 1.0)
             (lp * real[rows_]).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    # the same rows, batched or one at a time, in a 2-layer float32 model: each gradient entry sums ~10^2 terms in
+    # another order, n u = 10^2 x 2^-24 = 6e-6 of the terms' magnitudes at worst, far less in norm (sqrt(n) u ~
+    # 6e-7); a prompt counted once instead of per row, or a row's gradient lost, moves it by > 1e-1
     assert ((grads[0] - grads[1]).norm() / grads[1].norm()).item() < 1e-5
