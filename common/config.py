@@ -35,7 +35,8 @@ class BaseArgs:
 
     # models
     model_name: str = EMBEDDED_MODEL
-    """policy and reference: hub id or local folder (the default falls back to the packaged copy offline)"""
+    """policy and reference: hub id or local folder (the default falls back to the packaged copy offline), or
+    `pocket`: a ~1M-parameter Llama over the embedded tasks' words, built and cached once (seconds per run on a CPU)"""
     reward_model: Optional[str] = None
     """sequence-classification reward model (hub id or folder); default: the task's verifier"""
     trust_remote_code: bool = False
@@ -61,8 +62,10 @@ class BaseArgs:
     leave the batch, a group's prompt runs once); auto = static on a GPU, plain on CPU"""
 
     # task
-    task: Literal["arith", "chain2", "chain3", "chain4", "chain5", "gsm8k", "tldr", "hh"] = "arith"
-    """arith (embedded: one operation), chainN (embedded: N chained operations, worked step by step), gsm8k
+    task: Literal["arith", "chain2", "chain3", "chain4", "chain5", "lock3", "lock4", "lock6", "lock8", "lock12",
+                  "lock16", "gsm8k", "tldr", "hh"] = "arith"
+    """arith (embedded: one operation), chainN (embedded: N chained operations, worked step by step), lockH
+    (embedded: H dependent digits, all or nothing; with --model_name pocket, seconds per run), gsm8k
     (verifiable), tldr or hh (these two need --reward_model)"""
     data_files: Optional[str] = None
     """local .json/.jsonl/.parquet training file(s), comma-separated, with the task's hub columns"""

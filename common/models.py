@@ -80,9 +80,14 @@ def embedded_model_dir() -> str:
 
 @functools.lru_cache(maxsize=None)
 def resolve_model(name: str) -> str:
-    """Return a local directory or hub id for `name`; the embedded id falls back to the packaged copy offline."""
+    """Return a local directory or hub id for `name`; the embedded id falls back to the packaged copy offline, and
+    `pocket` is the tiny model of common/pocket.py (built and cached the first time)."""
     if os.path.isdir(name):
         return name
+    if name == "pocket":
+        from common.pocket import pocket_model_dir
+
+        return pocket_model_dir(CACHE_DIR)
     if name == EMBEDDED_MODEL and not hub_reachable():
         path = embedded_model_dir()
         print(f"[models] hub unreachable: using the packaged offline copy of {name} at {path}")

@@ -5,6 +5,7 @@ import re
 import torch
 
 from common.errors import UserError
+from common.lock import LOCK_TASKS, verify_lock
 from common.tasks import format_prompt
 
 _MARKED = re.compile(r"(?:=|\bis\b|\bequals\b|\bequal to\b|\bget\b|####)\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
@@ -66,7 +67,8 @@ def verify_chain(row, response: str) -> float:
 
 
 VERIFIERS = {"arith": verify_arith, "gsm8k": verify_gsm8k,
-             **{task: verify_chain for task in ("chain2", "chain3", "chain4", "chain5")}}
+             **{task: verify_chain for task in ("chain2", "chain3", "chain4", "chain5")},
+             **{task: verify_lock for task in LOCK_TASKS}}
 
 
 class RewardError(UserError):

@@ -6,6 +6,8 @@
   verifier.
 - `tldr`: trl-lib/tldr, columns `prompt`, `completion`; needs --reward_model. Its preference pairs
   (reward.py) come from trl-lib/tldr-preference, columns `prompt`, `chosen`, `rejected`.
+- `lock3` ... `lock16` (embedded, offline): H dependent steps checked as a whole, exploration's difficulty set by H
+  (common/lock.py).
 - `hh`: Anthropic/hh-rlhf (data_dir "harmless-base"), columns `chosen`, `rejected` (whole dialogues);
   needs --reward_model.
 Every task also reads local .json/.jsonl(.gz)/.parquet files with the hub's columns (`data_files`).
@@ -19,6 +21,7 @@ import os
 import random
 
 from common.errors import UserError
+from common.lock import LOCK_TASKS, lock_rows
 
 HUB = {  # task -> (dataset id, config or data_dir, {our split: hub split})
     "gsm8k": ("openai/gsm8k", "main", {"train": "train", "test": "test"}),
@@ -31,7 +34,7 @@ PREFERENCE_HUB = {  # task -> preference pairs for a reward model, where they ar
 }
 PREFERENCE_COLUMNS = {"tldr": ("prompt", "chosen", "rejected")}
 CHAIN_TASKS = ("chain2", "chain3", "chain4", "chain5")  # the number is the level: operations per question
-VERIFIABLE = ("arith", *CHAIN_TASKS, "gsm8k")
+VERIFIABLE = ("arith", *CHAIN_TASKS, *LOCK_TASKS, "gsm8k")
 GSM8K_INSTRUCTION = "Solve the problem step by step, then write the final number after '####'."
 
 
@@ -262,8 +265,11 @@ def load_task(task: str, split: str, data_files: str | None = None, num_rows: in
         return arith_rows(split, num_rows or (876 if split == "train" else 275), seed)
     if task in CHAIN_TASKS:
         return chain_rows(task, split, num_rows, seed)
+    if task in LOCK_TASKS:
+        return lock_rows(task, split, num_rows, seed)
     if task not in HUB:
-        raise DataError(f"unknown task {task!r}; choose one of arith, {', '.join(CHAIN_TASKS)}, {', '.join(HUB)}")
+        raise DataError(f"unknown task {task!r}; choose one of arith, {', '.join(CHAIN_TASKS)}, "
+                        f"{', '.join(LOCK_TASKS)}, {', '.join(HUB)}")
     if data_files:
         rows = []
         for path in data_files.split(","):
@@ -284,7 +290,7 @@ def load_preference_task(task: str, split: str, data_files: str | None = None, n
     (`prompt`, `chosen`, `rejected`; responses stripped, as `load_task` strips tldr's completions).
     gsm8k has no pairs in its dataset: build them from policy samples (reward.py --pairs policy).
     """
-    if task in ("arith", "hh", *CHAIN_TASKS):
+    if task in ("arith", "hh", *CHAIN_TASKS, *LOCK_TASKS):
         return load_task(task, split, data_files, num_rows, seed)
     if task not in PREFERENCE_HUB:
         raise DataError(f"task {task!r} has no chosen/rejected pairs in its dataset; "

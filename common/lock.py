@@ -1,0 +1,89 @@
+"""The lock task family (lock3, lock4, ..., lock16): an answer of H dependent steps, checked as a whole.
+
+A prompt gives H digits, "open 3 1 4 1 5 9 :", and the answer is their running sum modulo 10, one digit a step:
+"3 4 8 9 4 3". Step t needs the prompt's t-th digit and the step before it, so one wrong step dooms every later one,
+and the verifier gives 1 only for the whole answer (the response's digits, spaces ignored, equal to it). A policy
+that gets each step right with probability p opens the lock about p^H of the time from the prompt, and p^(H - h)
+from a reset h steps into the demonstration: the exploration problem the resets of PPO++ and DR-PO are for, with
+its difficulty set by H. The rule is the same for every prompt, so a model that learns it opens held-out locks.
+
+Rows: held-out prompts disjoint from the training ones (a hash of the prompt decides), the correct answer as the
+demonstration (SFT's target, DR-PO's reset states), and a preference pair: the answer (chosen) and the answer with
+one step wrong and carried through (rejected).
+"""
+import hashlib
+import random
+
+LOCK_HORIZONS = (3, 4, 6, 8, 12, 16)
+LOCK_TASKS = tuple(f"lock{h}" for h in LOCK_HORIZONS)
+LOCK_WORDS = ("open", ":", *"0123456789")  # every word a lock prompt or answer uses
+
+
+def lock_answer(digits) -> list:
+    """The running sum modulo 10 of `digits`: the answer's H steps."""
+    out, total = [], 0
+    for d in digits:
+        total = (total + d) % 10
+        out.append(total)
+    return out
+
+
+def _held_out(prompt: str) -> bool:
+    """A quarter of the prompts, by a hash of their text, are held out."""
+    return int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 4 == 0
+
+
+def _one_step_wrong(digits, rng: random.Random) -> list:
+    """The answer with one step's digit wrong and every later step computed from it (the mistake carried through)."""
+    answer = lock_answer(digits)
+    step = rng.randrange(len(digits))
+    wrong = answer[:step] + [(answer[step] + rng.randint(1, 9)) % 10]
+    for d in digits[step + 1:]:
+        wrong.append((wrong[-1] + d) % 10)
+    return wrong
+
+
+def lock_rows(task: str, split: str, num_rows: int | None, seed: int = 0) -> list:
+    """`num_rows` distinct rows of `task` ("lock8": H = 8) from `split`, shuffled by `seed` (default: 4000 training
+    rows, or all there are, and 300 held-out ones)."""
+    from common.tasks import DataError
+
+    horizon = int(task.removeprefix("lock"))
+    want = num_rows or (4000 if split == "train" else 300)
+    total = 10 ** horizon
+    available = sum(1 for i in range(total) if _held_out(_prompt(_digits(i, horizon))) == (split == "test")) \
+        if total <= 10 ** 4 else None  # counted where it is cheap; 10^6 and more never run short
+    if available is not None and want > available:
+        if num_rows:
+            raise DataError(f"the {task} task has only {available} distinct {split} prompts; ask for fewer")
+        want = available
+    rng, seen, rows = random.Random(f"{task}-{split}-{seed}"), set(), []
+    order = list(range(total)) if total <= 10 ** 4 else None
+    if order is not None:
+        rng.shuffle(order)
+    candidates = iter(order) if order is not None else iter(lambda: rng.randrange(total), None)
+    for i in candidates:
+        digits = _digits(i, horizon)
+        prompt = _prompt(digits)
+        if prompt in seen or _held_out(prompt) != (split == "test"):
+            continue
+        seen.add(prompt)
+        answer = " ".join(map(str, lock_answer(digits)))
+        rows.append({"id": f"{task}-{split}:{len(rows)}", "prompt": prompt, "answer": answer, "response": answer,
+                     "chosen": answer, "rejected": " ".join(map(str, _one_step_wrong(digits, rng)))})
+        if len(rows) == want:
+            break
+    return rows
+
+
+def _digits(i: int, horizon: int) -> list:
+    return [int(c) for c in str(i).zfill(horizon)]
+
+
+def _prompt(digits) -> str:
+    return "open " + " ".join(map(str, digits)) + " :"
+
+
+def verify_lock(row, response: str) -> float:
+    """1.0 when the response's digits (spaces ignored) are exactly the answer's, else 0.0: no credit for a part."""
+    return float("".join(c for c in response if c.isdigit()) == row["answer"].replace(" ", ""))
