@@ -36,7 +36,7 @@ class BaseArgs:
     # models
     model_name: str = EMBEDDED_MODEL
     """policy and reference: hub id or local folder (the default falls back to the packaged copy offline), or
-    `pocket`: a ~1M-parameter Llama over the embedded tasks' words, built and cached once (seconds per run on a CPU)"""
+    `pocket`: a 1.2M-parameter Llama over the embedded tasks' words, built and cached once (seconds per run on a CPU)"""
     reward_model: Optional[str] = None
     """sequence-classification reward model (hub id or folder); default: the task's verifier"""
     trust_remote_code: bool = False

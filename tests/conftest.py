@@ -60,13 +60,14 @@ def script_env(**extra):
             **extra}
 
 
-def start_script(args, cwd=ROOT, **extra_env):
+def start_script(args, cwd=ROOT, cold=False, **extra_env):
     """Start `python script.py ...` or `python -m torch.distributed.run ... script.py ...` (forked from the warm
-    server, tests/warm.py) or any other command (a subprocess); `.wait(timeout)` gives its CompletedProcess."""
+    server, tests/warm.py) or any other command (a subprocess; `cold`: always, as a user would); `.wait(timeout)`
+    gives its CompletedProcess."""
     import warm
 
     env = script_env(**extra_env)
-    if warm.can_run(args):
+    if warm.can_run(args) and not cold:
         return warm.Started(args, cwd, env)
     proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -84,9 +85,9 @@ def check(proc):
     return proc
 
 
-def run_script(args, timeout=600, cwd=ROOT, **extra_env):
+def run_script(args, timeout=600, cwd=ROOT, cold=False, **extra_env):
     """Run a command from the project root with offline settings; fail the test with its output."""
-    return check(start_script(args, cwd, **extra_env).wait(timeout))
+    return check(start_script(args, cwd, cold, **extra_env).wait(timeout))
 
 
 def run_together(commands, timeout=600):
