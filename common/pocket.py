@@ -38,9 +38,8 @@ def _pre_tokenizer():
     return pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
 
 
-def build_pocket(path: str, seed: int = 0, **shape) -> None:
-    """Write the pocket model (random weights from `seed`; `shape` overrides SHAPE's fields) and its tokenizer to
-    `path` with save_pretrained."""
+def build_pocket(path: str) -> None:
+    """Write the pocket model (random weights, seed 0) and its tokenizer to `path` with save_pretrained."""
     import torch
     from tokenizers import Tokenizer, decoders, models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -52,8 +51,8 @@ def build_pocket(path: str, seed: int = 0, **shape) -> None:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
                                         pad_token="<pad>", unk_token="<unk>", padding_side="left")
     config = LlamaConfig(vocab_size=len(vocab), tie_word_embeddings=True, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=2, **{**SHAPE, **shape})
-    torch.manual_seed(seed)
+                         eos_token_id=2, **SHAPE)
+    torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = 0
     model.save_pretrained(path)
@@ -62,18 +61,10 @@ def build_pocket(path: str, seed: int = 0, **shape) -> None:
 
 def pocket_model_dir(cache_dir: str) -> str:
     """The cached pocket model's folder under `cache_dir`, built the first time (a few seconds)."""
-    import shutil
-
-    from common.models import keep_random_state
+    from common.models import build_once
 
     out = os.path.join(cache_dir, f"pocket-v{VERSION}")
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
     print(f"[models] building the pocket model in {out} (once, a few seconds)")
-    tmp = f"{out}.tmp{os.getpid()}"
-    with keep_random_state():  # a run that builds it draws as one that finds it cached
-        build_pocket(tmp)
-    if not os.path.exists(out):  # another process may have finished first
-        os.replace(tmp, out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return build_once(out, build_pocket)

@@ -1,7 +1,7 @@
 """Run a script as `python script.py ...` would, in a process forked from one that has already imported torch and
 transformers: the test suite's runs of the scripts start in a fraction of a second instead of ~4 s of imports.
 
-    warm.run([sys.executable, "grpo.py", "--flag", ...], cwd, env, timeout)  # a subprocess.CompletedProcess
+    warm.Started([sys.executable, "grpo.py", "--flag", ...], cwd, env).wait(timeout)  # a CompletedProcess
 
 The fork comes from multiprocessing's fork server, which imports the third-party modules below and nothing of the
 project (common/ reads its environment at import, and each run brings its own), and never computes anything, so the
@@ -169,8 +169,3 @@ class Started:
             texts.append("".join(parts))
         return texts
 
-
-def run(args, cwd, env, timeout=None):
-    """`subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)` for
-    `python script.py ...`, forked from the warm server."""
-    return Started(args, cwd, env).wait(timeout)
