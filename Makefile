@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench compare clean
+.PHONY: install demo test lint bench compare resets resets-quick clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,14 @@ bench: install
 # the resets question: PPO, PPO++, DR-PO on chain3, 5 seeds, paired; table and plots in runs/compare
 compare: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmark/compare.py $(ARGS)
+
+# do resets help, and how does the help grow with the horizon? the six files on the lock task with the pocket model;
+# table and figures in benchmark/results/resets (about an hour on 2 CPU cores; resets-quick: minutes)
+resets: install
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmark/resets.py $(ARGS)
+
+resets-quick: install
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmark/resets.py --quick $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs

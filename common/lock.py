@@ -68,6 +68,39 @@ def lock_rows(task: str, split: str, num_rows: int | None, seed: int = 0) -> lis
     return rows
 
 
+def lock_row_from_record(record: dict, rid: str) -> dict:
+    """A lock row from a file's record ("prompt": "open 3 1 4 :", "response": the demonstration, any text); its
+    answer comes from the prompt, so a file can hold a reference's imperfect demonstrations (any horizon)."""
+    from common.tasks import DataError
+
+    words = record["prompt"].split()
+    if len(words) < 3 or words[0] != "open" or words[-1] != ":" or not all(w in "0123456789" for w in words[1:-1]):
+        raise DataError(f"{rid}: a lock prompt is 'open' then digits separated by spaces then ':' "
+                        f"(e.g. 'open 3 1 4 :'), got {record['prompt']!r}; fix or delete that row")
+    answer = " ".join(map(str, lock_answer([int(w) for w in words[1:-1]])))
+    return {"id": rid, "prompt": record["prompt"], "answer": answer, "response": record["response"].strip(),
+            "chosen": answer, "rejected": record.get("rejected", "")}
+
+
+def guessing_teacher(rows: list, hidden_fraction: float, seed: int = 0) -> list:
+    """Demonstrations of `rows`' prompts written by a teacher that does not know `hidden_fraction` of the 100 facts
+    "previous digit + prompt digit mod 10" (a fixed random set, by `seed`): on those it writes a uniformly random
+    digit and goes on from it. A model trained on them knows the rule on the other facts and guesses on the hidden
+    ones: a per-step accuracy of about 1 - 0.9 hidden_fraction, the same at every step and every horizon, with the
+    right digit still among its samples (how benchmark/resets.py makes a reference with partial skill)."""
+    rng = random.Random(f"hidden-{seed}")
+    facts = [(s, d) for s in range(10) for d in range(10)]
+    hidden = set(rng.sample(facts, round(hidden_fraction * len(facts))))
+    out = []
+    for row in rows:
+        written, previous = [], 0
+        for d in (int(w) for w in row["prompt"].split()[1:-1]):
+            previous = rng.randrange(10) if (previous, d) in hidden else (previous + d) % 10
+            written.append(previous)
+        out.append({"prompt": row["prompt"], "response": " ".join(map(str, written))})
+    return out
+
+
 def _digits(i: int, horizon: int) -> list:
     return [int(c) for c in str(i).zfill(horizon)]
 

@@ -21,7 +21,7 @@ import os
 import random
 
 from common.errors import UserError
-from common.lock import LOCK_TASKS, lock_rows
+from common.lock import LOCK_TASKS, lock_row_from_record, lock_rows
 
 HUB = {  # task -> (dataset id, config or data_dir, {our split: hub split})
     "gsm8k": ("openai/gsm8k", "main", {"train": "train", "test": "test"}),
@@ -265,6 +265,10 @@ def load_task(task: str, split: str, data_files: str | None = None, num_rows: in
         return arith_rows(split, num_rows or (876 if split == "train" else 275), seed)
     if task in CHAIN_TASKS:
         return chain_rows(task, split, num_rows, seed)
+    if task in LOCK_TASKS and data_files:  # e.g. a reference's own demonstrations (benchmark/resets.py)
+        rows = [lock_row_from_record(r, f"{path}:{i}") for path in data_files.split(",")
+                for i, r in _check_records(read_records(path), path, ("prompt", "response"))]
+        return rows[:num_rows] if num_rows is not None else rows
     if task in LOCK_TASKS:
         return lock_rows(task, split, num_rows, seed)
     if task not in HUB:

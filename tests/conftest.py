@@ -62,9 +62,9 @@ def script_env(**extra):
 
 def start_script(args, cwd=ROOT, cold=False, **extra_env):
     """Start `python script.py ...` or `python -m torch.distributed.run ... script.py ...` (forked from the warm
-    server, tests/warm.py) or any other command (a subprocess; `cold`: always, as a user would); `.wait(timeout)`
+    server, benchmark/warm.py) or any other command (a subprocess; `cold`: always, as a user would); `.wait(timeout)`
     gives its CompletedProcess."""
-    import warm
+    from benchmark import warm
 
     env = script_env(**extra_env)
     if warm.can_run(args) and not cold:

@@ -108,7 +108,7 @@ def test_resume_gives_the_same_weights(tiny_model_dir, tiny_reward_dir, tmp_path
 
 
 def test_two_processes_end_with_identical_weights(tiny_model_dir, tmp_path):
-    # launched by torchrun itself, as a user would (the other multi-process tests fork their workers: tests/warm.py)
+    # launched by torchrun itself, as a user would (the other multi-process tests fork their workers: benchmark/warm.py)
     run_script([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
                 "grpo.py", "--model_name", tiny_model_dir, "--output_dir", str(tmp_path), *TINY], cold=True)
     final = read_jsonl(tmp_path / "grpo__1" / "metrics.jsonl")[-1]

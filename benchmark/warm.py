@@ -3,6 +3,8 @@ transformers: the test suite's runs of the scripts start in a fraction of a seco
 
     warm.Started([sys.executable, "grpo.py", "--flag", ...], cwd, env).wait(timeout)  # a CompletedProcess
 
+Used by the test suite (tests/conftest.py) and benchmark/resets.py, which runs many short scripts.
+
 The fork comes from multiprocessing's fork server, which imports the third-party modules below and nothing of the
 project (common/ reads its environment at import, and each run brings its own), and never computes anything, so the
 children start as fresh interpreters would: the script runs as `__main__` with its own argv, working folder,
