@@ -1,13 +1,10 @@
 """The lock task (common/lock.py) and the pocket model (common/pocket.py): the verifier on hand-made answers, disjoint
-splits with correct demonstrations and one-step-wrong pairs, the pocket tokenizer reading every embedded task, and
-runs of grpo.py and sft.py on `--model_name pocket --task lock4`."""
-import sys
-
+splits with correct demonstrations and one-step-wrong pairs, and the pocket tokenizer reading every embedded task.
+Whether the files learn on the lock with the pocket model: tests/test_learning.py."""
 import pytest
 
 from common.lock import LOCK_TASKS, lock_answer, verify_lock
 from common.tasks import load_preference_task, load_task
-from conftest import read_jsonl, run_script
 
 
 @pytest.mark.parametrize("response,score", [
@@ -66,19 +63,3 @@ def test_the_pocket_tokenizer_reads_every_embedded_task(tmp_path):
     ids = tokenizer(lock["response"], add_special_tokens=False)["input_ids"]
     assert len(ids) == 8 and tokenizer.decode(ids) == lock["response"]  # a token per step, decoded as it was
     assert pocket_model_dir(str(tmp_path)) == folder  # cached
-
-
-def test_grpo_and_sft_run_on_the_pocket_model_and_a_lock(tmp_path):
-    cache = str(tmp_path / "cache")
-    common = ["--model_name", "pocket", "--task", "lock4", "--num_eval_prompts", "8", "--output_dir", str(tmp_path)]
-    run_script([sys.executable, "sft.py", *common, "--num_train_rows", "16", "--batch_size", "8",
-                "--micro_batch_size", "8", "--max_response_length", "8"], RESETRL_CACHE=cache)
-    run_script([sys.executable, "grpo.py", *common, "--num_iterations", "2", "--prompts_per_iteration", "4",
-                "--grpo.num_generations", "2", "--micro_batch_size", "8", "--response_length", "8",
-                "--eval_batch_size", "8", "--learning_rate", "1e-3"], RESETRL_CACHE=cache)
-    for name in ("sft", "grpo"):
-        final = read_jsonl(tmp_path / f"{name}__1" / "metrics.jsonl")[-1]
-        assert 0 <= final["eval/accuracy"] <= 1
-    samples = read_jsonl(tmp_path / "grpo__1" / "eval_samples.jsonl")
-    assert all(s["prompt"].startswith("open ") for s in samples)
-    assert not any("<unk>" in s["response"] for s in samples)
