@@ -34,7 +34,7 @@ from common.config import BaseArgs, parse_args
 from common.generation import (entropy_from_logits, logprobs_from_logits, position_ids_from_mask,
                                response_logits)
 from common.models import add_lora, enable_gradient_checkpointing, load_reward_model
-from common.resets import sample_rollin_lengths
+from common.resets import make_schedule
 from common.run import (end_iteration, finish_run, iterations, logprobs_of, reset_rollout, rollout, sample_prompts,
                         save_on_failure, setup_run, start_training)
 from common.training import kl_per_token, make_optimizer, masked_mean, micro_batches, minibatches, optimizer_step
@@ -46,6 +46,9 @@ class PPOHParams:
     """beta: probability that a sample starts from a reset to a reference-policy state (0: plain PPO)"""
     max_rollin_fraction: float = 1.0
     """a roll-in forces h ~ Uniform{1..f (len-1)} tokens, f this fraction (1: the authors' Uniform{1..len-1})"""
+    rollin_schedule: Literal["uniform", "reverse", "adaptive", "anneal"] = "uniform"
+    """how deep resets start: uniform (the authors'), reverse (from the end back), adaptive (per prompt, towards 50%
+    success), anneal (the depth falls to 0 by 60% of the iterations); common/resets.py has each one's paper"""
     kl_coef: float = 0.05
     """weight of the per-token KL estimate to the reference"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
@@ -174,6 +177,10 @@ if __name__ == "__main__":
     model = PolicyAndValue(policy, value_model)
     optimizer, scheduler = make_optimizer(model, args)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # ALGO LOGIC: the roll-in schedule, its state (if any) saved in the checkpoints
+    schedule = make_schedule(args.ppo.rollin_schedule, max_fraction=args.ppo.max_rollin_fraction,
+                             num_rows=len(run.train_rows), num_iterations=args.num_iterations)
+    accelerator.register_for_checkpointing(schedule)
     start_iteration = start_training(run, policy)  # resumes from --resume_from; evaluates the reference policy
 
     with save_on_failure(run, policy):
@@ -185,8 +192,8 @@ if __name__ == "__main__":
             prefixes = queries[:, :0]  # (B, L) the responses whose first h tokens are forced
             if args.ppo.reset_prob > 0:
                 prefixes, _, prefix_lengths, _ = rollout(run, ref_model, queries, query_mask, args.temperature)
-                rollin = sample_rollin_lengths(prefix_lengths, args.ppo.reset_prob, (args.seed, iteration, batch),
-                                               args.ppo.max_rollin_fraction)  # (B,) one generator per prompt
+                rollin = schedule.depths(prefix_lengths, args.ppo.reset_prob, (args.seed, iteration, batch),
+                                         iteration)  # (B,) one generator per prompt
 
             # 2. generate, and 3. truncate at EOS: the policy continues each reset state; the roll-in goes back in front
             responses, mask, lengths, has_eos, forced = reset_rollout(
@@ -197,6 +204,9 @@ if __name__ == "__main__":
             scores = run.score(rows, tokenizer.batch_decode(responses, skip_special_tokens=True)).to(device)  # (B,)
             if args.ppo.missing_eos_penalty is not None:
                 scores = torch.where(has_eos, scores, torch.full_like(scores, args.ppo.missing_eos_penalty))
+            if args.ppo.reset_prob > 0:  # ALGO LOGIC: the schedule learns from the whole batch's scores
+                schedule.update(*accelerator.gather((torch.as_tensor(batch, device=device), rollin, prefix_lengths,
+                                                     scores)))
 
             # 5. rewards and advantages
             query_responses = torch.cat([queries, responses], dim=1)  # (B, P+T): what the models read
@@ -252,7 +262,7 @@ if __name__ == "__main__":
                           "objective/entropy": masked_mean(entropy, action_mask),
                           "objective/non_score_reward": (-args.ppo.kl_coef * kl).mean().item(),
                           "objective/rlhf_reward": (scores - args.ppo.kl_coef * kl).mean().item(),
-                          "val/rollin_length": forced.sum(1).float().mean().item()})
+                          "val/rollin_length": forced.sum(1).float().mean().item(), **schedule.stats()})
             if end_iteration(run, stats, scores=scores, lengths=lengths, has_eos=has_eos, scheduler=scheduler,
                              episode=iteration * args.prompts_per_iteration, policy=policy, ref_model=ref_model):
                 break

@@ -46,7 +46,8 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 ALGORITHMS = ("ppo", "ppo_pp", "drpo", "grpo", "rebel", "apo")
-NAMES = {"ppo": "PPO", "ppo_pp": "PPO++", "drpo": "DR-PO", "rebel": "REBEL", "apo": "A*-PO", "grpo": "GRPO"}
+NAMES = {"ppo": "PPO", "ppo_pp": "PPO++", "drpo": "DR-PO", "rebel": "REBEL", "apo": "A*-PO", "grpo": "GRPO",
+         "grpo_reset": "GRPO-reset"}
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086]  # Student t quantiles (97.5%) for 1..20 degrees of freedom
 
@@ -116,7 +117,8 @@ def flags_for(name: str, flags: list) -> list:
 
 def responses_per_prompt(name: str, script_args) -> int:
     """Generated training samples per prompt: GRPO's group, REBEL's pair, one for the others."""
-    return {"grpo": lambda a: a.grpo.num_generations, "rebel": lambda a: 2}.get(name, lambda a: 1)(script_args)
+    group = lambda a: a.grpo.num_generations  # noqa: E731
+    return {"grpo": group, "grpo_reset": group, "rebel": lambda a: 2}.get(name, lambda a: 1)(script_args)
 
 
 def sft_model(args: Args) -> str:

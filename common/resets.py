@@ -1,8 +1,8 @@
 """Reset states: restart generation from a prompt plus a forced prefix (roll-in) of another response.
 
-PPO++ takes the prefix from a reference-policy sample, DR-PO from the dataset's demonstration.
-The algorithm file decides where prefixes come from and how often; these helpers only
-build the tensors.
+PPO++ takes the prefix from a reference-policy sample, DR-PO and grpo_reset.py from the dataset's demonstration.
+The algorithm file decides where prefixes come from; the helpers below build the tensors, and the roll-in schedules
+(uniform, reverse, adaptive, anneal) decide how deep each reset starts.
 """
 import numpy as np
 import torch
@@ -77,3 +77,153 @@ def splice_reset_responses(prefix_ids, rollin_lengths, continuations, response_l
         responses[i, :row.numel()] = row
         forced[i, :h] = True
     return responses, forced
+
+
+# Roll-in schedules (--ppo.rollin_schedule, --grpo.rollin_schedule): how deep a reset starts, and how that changes
+# with training. A depth is a fraction f of the prefix's tokens before its last one, h = f (len - 1); every schedule
+# keeps --ppo.reset_prob's meaning (a sample is a reset with that probability, else it starts from the prompt) and
+# draws from one generator per row, seeded by (seed, iteration, row id), so a group's rows (one row id) share h and
+# a row's h does not depend on how the batch is split over processes. `update` sees the whole batch's depths and
+# scores (gathered over processes), so every process keeps the same state; a score counts as success in [0, 1]
+# (a verifier's 0 or 1; the missing-EOS penalty counts as 0). The state is saved in checkpoints
+# (accelerator.register_for_checkpointing), so --resume_from continues the same schedule.
+SCHEDULES = ("uniform", "reverse", "adaptive", "anneal")
+
+
+def _row_generators(draw):
+    """One numpy generator per row from (seed, iteration, row ids)."""
+    seed, iteration, rows = draw
+    return [np.random.default_rng([seed, iteration, int(r)]) for r in rows]
+
+
+class UniformSchedule:
+    """h ~ Uniform{1..f_max (len - 1)}, the same at every iteration (DR-PO, Chang et al. 2024, and PPO++, Chang et al.
+    2023: f_max = 1, their Uniform{1..len-1}); `sample_rollin_lengths`."""
+
+    def __init__(self, max_fraction: float = 1.0, **_):
+        self.max_fraction = max_fraction
+
+    def depths(self, prefix_lengths, reset_prob: float, draw, iteration: int):
+        return sample_rollin_lengths(prefix_lengths, reset_prob, draw, self.max_fraction)
+
+    def update(self, rows, depths, prefix_lengths, scores):
+        pass
+
+    def stats(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict):
+        pass
+
+
+class ReverseSchedule(UniformSchedule):
+    """Reverse curriculum (Salimans & Chen 2018, "Learning Montezuma's Revenge from a Single Demonstration"; R^3, Xi et
+    al. 2024): the start is first near the end of the prefix (f = 1: the policy writes only its last token) and moves
+    back by `step` once at least `threshold` of the samples started there succeed. 80% of the resets start at the
+    current start, 20% uniformly between it and the end, as in openai/atari-reset; at f = 0 every sample starts from
+    the prompt."""
+
+    def __init__(self, threshold: float = 0.2, step: float = 0.125, at_start: float = 0.8, **_):
+        self.threshold, self.step, self.at_start, self.start = threshold, step, at_start, 1.0
+
+    def depths(self, prefix_lengths, reset_prob: float, draw, iteration: int):
+        out = []
+        for rng, n in zip(_row_generators(draw), prefix_lengths.tolist()):
+            u, coin, where = rng.random(3)
+            first = round(self.start * (n - 1))  # the current start, in tokens
+            h = first if where < self.at_start else first + int(u * (n - first))  # else uniform on {first..n-1}
+            out.append(min(h, n - 1) if coin < reset_prob and n > 1 else 0)
+        return torch.tensor(out, dtype=torch.long, device=prefix_lengths.device)
+
+    def update(self, rows, depths, prefix_lengths, scores):
+        first = torch.round(self.start * (prefix_lengths - 1).double()).long()
+        at_start = (depths == first) & (depths > 0)
+        if at_start.any() and scores[at_start].clamp(0, 1).mean().item() >= self.threshold:
+            self.start = max(0.0, self.start - self.step)
+
+    def stats(self) -> dict:
+        return {"reset/start_fraction": self.start}
+
+    def state_dict(self) -> dict:
+        return {"start": self.start}
+
+    def load_state_dict(self, state: dict):
+        self.start = state["start"]
+
+
+class AdaptiveSchedule(UniformSchedule):
+    """Per prompt, aiming at a success rate `target` (in the spirit of AdaBack, Amani et al. 2025, and SEELE, 2025,
+    which choose each problem's revealed fraction from its recent rewards): each prompt keeps a fraction f, moved
+    after every iteration it appears in by step (target - its success over that iteration's samples, reset or not),
+    so f falls while the prompt is solved more often than `target` and rises otherwise (a Robbins-Monro rule whose
+    fixed point is success = target). A prompt not seen yet starts at the mean f of the prompts seen (0.5 before
+    any). h = f (len - 1), rounded at random. The rule is ours; the papers' own (AdaBack's bisection on an interval
+    of fractions, SEELE's fitted response curve) need several visits per prompt, which a short run does not give."""
+
+    def __init__(self, num_rows: int = 0, target: float = 0.5, step: float = 0.25, **_):
+        self.target, self.step = target, step
+        self.fraction = torch.full((num_rows,), float("nan"), dtype=torch.float64)  # nan: not seen yet
+
+    def prior(self) -> float:
+        seen = self.fraction[~self.fraction.isnan()]
+        return seen.mean().item() if len(seen) else 0.5
+
+    def depths(self, prefix_lengths, reset_prob: float, draw, iteration: int):
+        prior, out = self.prior(), []
+        for rng, row, n in zip(_row_generators(draw), draw[2], prefix_lengths.tolist()):
+            u, coin = rng.random(2)
+            f = self.fraction[int(row)].item()
+            h = int((prior if np.isnan(f) else f) * (n - 1) + u)  # stochastic rounding: E[h] = f (len - 1)
+            out.append(min(h, n - 1) if coin < reset_prob and n > 1 else 0)
+        return torch.tensor(out, dtype=torch.long, device=prefix_lengths.device)
+
+    def update(self, rows, depths, prefix_lengths, scores):
+        prior = self.prior()
+        success = {}  # a prompt's mean success over its samples this iteration, reset or not (a group's, for GRPO)
+        for row, s in zip(rows.tolist(), scores.clamp(0, 1).tolist()):
+            success.setdefault(row, []).append(s)
+        for row, s in success.items():
+            f = self.fraction[row].item()
+            self.fraction[row] = min(1.0, max(0.0, (prior if np.isnan(f) else f) + self.step * (self.target
+                                                                                              - np.mean(s))))
+
+    def stats(self) -> dict:
+        return {"reset/mean_fraction": self.prior()}
+
+    def state_dict(self) -> dict:
+        return {"fraction": self.fraction}
+
+    def load_state_dict(self, state: dict):
+        self.fraction = state["fraction"]
+
+
+class AnnealSchedule(UniformSchedule):
+    """Annealed hints (UFT, Liu et al. 2025): the expected fraction given falls by a cosine from `high` to `low` over
+    the first `until` of the iterations, then 0; h ~ Binomial(len - 1, p(t)) as in UFT. No state but the
+    iteration."""
+
+    def __init__(self, num_iterations: int = 1, high: float = 0.95, low: float = 0.05, until: float = 0.6, **_):
+        self.horizon, self.high, self.low = max(1, round(until * num_iterations)), high, low
+
+    def fraction(self, iteration: int) -> float:
+        t = iteration - 1  # iterations count from 1
+        if t >= self.horizon:
+            return 0.0
+        return self.low + 0.5 * (self.high - self.low) * (1 + np.cos(np.pi * (t + 1) / self.horizon))
+
+    def depths(self, prefix_lengths, reset_prob: float, draw, iteration: int):
+        p, out = self.fraction(iteration), []
+        for rng, n in zip(_row_generators(draw), prefix_lengths.tolist()):
+            _, coin = rng.random(2)
+            h = int(rng.binomial(n - 1, p)) if n > 1 else 0
+            out.append(h if coin < reset_prob else 0)
+        return torch.tensor(out, dtype=torch.long, device=prefix_lengths.device)
+
+
+def make_schedule(name: str, *, max_fraction: float = 1.0, num_rows: int = 0, num_iterations: int = 1):
+    """The roll-in schedule `name` (one of SCHEDULES) with its papers' settings."""
+    kinds = dict(uniform=UniformSchedule, reverse=ReverseSchedule, adaptive=AdaptiveSchedule, anneal=AnnealSchedule)
+    return kinds[name](max_fraction=max_fraction, num_rows=num_rows, num_iterations=num_iterations)
