@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint bench compare resets resets-quick clean
+.PHONY: install demo test lint bench compare resets resets-quick schedules clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,11 @@ resets: install
 
 resets-quick: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmark/resets.py --quick $(ARGS)
+
+# which roll-in schedule? DR-PO and GRPO-reset with each schedule against uniform, PPO and GRPO on lock8, 10 seeds;
+# table and figure in benchmark/results/schedules (about half an hour on 2 CPU cores)
+schedules: install
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmark/schedules.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs
