@@ -30,6 +30,11 @@ lint: install
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmark/bench.py $(ARGS)
 
+# the GPU table on one GPU, within 8 minutes: the six files' speed (bf16/fp32, static/plain sampler), grpo.py's time and
+# memory at the 1.7B shape against memory_model.py, a learning check; into benchmark/results/gpu (ARGS=--smoke: on CPU)
+gpu-report: install
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmark/gpu_report.py $(ARGS)
+
 # the resets question: PPO, PPO++, DR-PO on chain3, 5 seeds, paired; table and plots in runs/compare
 compare: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmark/compare.py $(ARGS)

@@ -130,23 +130,56 @@ def device_figures(bench: Args, device: torch.device, bf16: bool):
     return name, bandwidth, peak
 
 
-def time_script(name: str, flags: list, iterations: int, output_dir: str) -> dict:
-    """Run `name`.py for `iterations` iterations; medians of its perf metrics, peak memory, wall time."""
-    cmd = [sys.executable, os.path.join(ROOT, f"{name}.py"), "--num_iterations", str(iterations),
-           "--num_eval_prompts", "8",
-           "--output_dir", output_dir, "--exp_name", f"bench_{name}", *flags]
-    start = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    wall = time.time() - start
+def script_command(name: str, flags: list, iterations: int, output_dir: str) -> list:
+    """`python name.py` for `iterations` iterations with a short evaluation, its run folder in `output_dir`."""
+    return [sys.executable, os.path.join(ROOT, f"{name}.py"), "--num_iterations", str(iterations),
+            "--num_eval_prompts", "8", "--output_dir", output_dir, "--exp_name", f"bench_{name}", *flags]
+
+
+def read_timings(name: str, output_dir: str) -> dict:
+    """Medians of the perf metrics of `name`'s run in `output_dir` over the iterations after the first (the first
+    warms up: its seconds apart), its peak memory through training (`perf/peak_memory_gb`) and through the whole
+    run, the final evaluation included (`run_peak_memory_gb`), and apo.py's stage-1 seconds."""
     with open(os.path.join(output_dir, f"bench_{name}__1", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    train = [r for r in rows if "perf/seconds_per_iter" in r][1:]
+    timed = [r for r in rows if "perf/seconds_per_iter" in r]
+    train = timed[1:]
+    if not train:
+        raise ValueError(f"bench_{name} logged no iteration after the first in {output_dir}")
     out = {k: float(np.median([r[k] for r in train]))
            for k in ("perf/seconds_per_iter", "perf/generate_seconds", "perf/tokens_per_second")}
     out["perf/peak_memory_gb"] = max(r["perf/peak_memory_gb"] for r in train)
+    out["run_peak_memory_gb"] = max(r.get("perf/peak_memory_gb", 0) for r in rows)
     out["stage1"] = next((r["perf/stage1_seconds"] for r in rows if "perf/stage1_seconds" in r), None)
-    out["wall"] = wall
+    out["first_seconds_per_iter"], out["iterations"] = timed[0]["perf/seconds_per_iter"], len(timed)
     return out
+
+
+def time_script(name: str, flags: list, iterations: int, output_dir: str) -> dict:
+    """Run `name`.py for `iterations` iterations; medians of its perf metrics, peak memory, wall time."""
+    start = time.time()
+    subprocess.run(script_command(name, flags, iterations, output_dir), check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
+    return {**read_timings(name, output_dir), "wall": time.time() - start}
+
+
+def prompt_batch(cfg, tokenizer):
+    """grpo.py's batch of prompts for `cfg` (the task's first --prompts_per_iteration training prompts), each
+    repeated for its group: ids and mask (B, P) on CPU."""
+    rows = load_task(cfg.task, "train", cfg.data_files, cfg.prompts_per_iteration)
+    ids, mask = encode_prompts(tokenizer, rows, cfg.max_prompt_length, "bench")
+    G = cfg.grpo.num_generations
+    return ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)
+
+
+def floor_seconds(n_params: int, decode_steps: int, tokens_trained: int, bf16: bool, bandwidth: float,
+                  peak: float):
+    """The floor (s) and how it is made: the weights read once per decode step at `bandwidth` GB/s, plus
+    6 x parameters x tokens (forward and backward) at `peak` TFLOP/s."""
+    weight_bytes = n_params * (2 if bf16 else 4)
+    floor = decode_steps * weight_bytes / (bandwidth * 1e9) + 6 * n_params * tokens_trained / (peak * 1e12)
+    return floor, (f"{decode_steps} decode steps x {weight_bytes / 1e9:.2f} GB of weights at {bandwidth:g} GB/s + "
+                   f"6 x params x {tokens_trained} tokens at {peak:g} TFLOP/s")
 
 
 if __name__ == "__main__":
@@ -178,9 +211,7 @@ if __name__ == "__main__":
         policy = load_causal_lm(cfg.model_name, device, torch.float32)
         ref = (load_causal_lm(cfg.model_name, device, torch.bfloat16 if bf16 else torch.float32).eval()
                if cfg.grpo.kl_coef > 0 else None)
-        rows = load_task(cfg.task, "train", cfg.data_files, cfg.prompts_per_iteration)
-        ids, mask = encode_prompts(tokenizer, rows, cfg.max_prompt_length, "bench")
-        ids, mask = ids.repeat_interleave(G, 0).to(device), mask.repeat_interleave(G, 0).to(device)
+        ids, mask = (t.to(device) for t in prompt_batch(cfg, tokenizer))
         timings = []
         for _ in range(bench.bound_repeats):
             start = time.time()
@@ -218,12 +249,9 @@ if __name__ == "__main__":
                  f"{policy.config.hidden_size}), {'bf16 autocast' if bf16 else 'fp32'}, sampler "
                  f"{'static' if generation.uses_static_sampler(policy, device) else 'plain'}")
         if bandwidth and peak:
-            weight_bytes = n_params * (2 if bf16 else 4)
-            floor = T * weight_bytes / (bandwidth * 1e9) + 6 * n_params * tokens_trained / (peak * 1e12)
+            floor, how = floor_seconds(n_params, T, tokens_trained, bf16, bandwidth, peak)
             lines.append(f"grpo.py iteration / floor = {results['grpo']['perf/seconds_per_iter'] / floor:.1f} "
-                         f"(floor {floor:.3f} s: {T} decode steps x {weight_bytes / 1e9:.2f} GB of "
-                         f"weights at {bandwidth:g} GB/s + 6 x params x {tokens_trained} tokens at {peak:g} "
-                         f"TFLOP/s)")
+                         f"(floor {floor:.3f} s: {how})")
         lines.insert(0, f"{gpu}; {shape}\n")
 
     table = "\n".join(lines)

@@ -114,6 +114,13 @@ def lora_parameters(s: dict, r: int) -> int:
     return s["n"] * per_layer
 
 
+def shape_of(config) -> dict:
+    """The SHAPES entry of a Llama-style transformers config (hidden, layers, MLP width, heads, vocabulary, tied)."""
+    return dict(h=config.hidden_size, n=config.num_hidden_layers, i=config.intermediate_size,
+                heads=config.num_attention_heads, kv_heads=config.num_key_value_heads, V=config.vocab_size,
+                tied=config.tie_word_embeddings)
+
+
 def predict(s: dict, a: Args) -> dict:
     """Bytes per GPU by part (GB), and the peak."""
     P = parameters(s)
