@@ -27,6 +27,7 @@ Where this file departs from the summarize_from_feedback_details code (and the a
    prompt, and with beta = 1 no training sample does: the policy learns to finish the dataset's prefixes.
    On arith (benchmark/README.md, seeds 1-3 from 26%): beta = 0.5 reached 81 / 62 / 71%, beta = 1 11 / 18 / 50%.
 7. h ~ Uniform{1..len-1} as the authors (`--ppo.max_rollin_fraction`): half that depth gave 40 / 68 / 34% there.
+   No other schedule (`--ppo.rollin_schedule`) did better on the lock task (benchmark/README.md, "Roll-in schedules").
 """
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional

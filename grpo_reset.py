@@ -7,7 +7,8 @@ arXiv:2404.08495; the group-shared prefix: R^3, UFT, QuestA, AdaBack, SEELE, com
 
 With probability `--grpo.reset_prob` a group is a reset: h comes from `--grpo.rollin_schedule`, the same h and
 prefix for the whole group, so the group baseline compares continuations of one state. The roll-in carries no
-loss and no KL, and the ratio is taken on the policy's own tokens only. With reset_prob 0 this is grpo.py:
+loss and no KL, and the ratio is taken on the policy's own tokens only. The default schedule is uniform: no other
+did better on the lock task (benchmark/README.md, "Roll-in schedules"). With reset_prob 0 this is grpo.py:
 
 For each prompt, sample a group of G responses, score them (one outcome reward each, broadcast to its
 tokens), and push up the log-probs of the responses that beat their group's mean, with PPO's clipped

@@ -23,6 +23,8 @@ Where this file departs from the summarize_from_feedback_details code (and the a
    the policy's, since h <= len-1 leaves it at least one token.
 5. beta = 0.5, not the authors' 1.0: measured on one GPU with the arith defaults (seeds 1-3, held-out from 28%),
    beta = 0.5 reached 75.6 / 38.4 / 32.0% and beta = 1.0 56.8 / 28.0 / 29.6%; evaluation starts from the prompt.
+6. The roll-in depth stays the authors' uniform draw by default: no other schedule (`--ppo.rollin_schedule`) did
+   better in DR-PO on the lock task (benchmark/README.md, "Roll-in schedules").
 """
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional
