@@ -26,8 +26,7 @@ Where this file departs from the summarize_from_feedback_details code (and the a
 6. beta = 0.5, not the authors' 1 (their code resets every sample, h never 0). Evaluation starts from the
    prompt, and with beta = 1 no training sample does: the policy learns to finish the dataset's prefixes.
    On arith (benchmark/README.md, seeds 1-3 from 26%): beta = 0.5 reached 81 / 62 / 71%, beta = 1 11 / 18 / 50%.
-7. h ~ Uniform{1..len-1} as the authors (`--ppo.max_rollin_fraction`): half that depth gave 40 / 68 / 34% there.
-   No other schedule (`--ppo.rollin_schedule`) did better on the lock task (benchmark/README.md, "Roll-in schedules").
+7. h ~ Uniform{1..len-1} as the authors: half as deep gave 40 / 68 / 34% there, other schedules no better on lock8.
 """
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional
@@ -53,8 +52,7 @@ class PPOHParams:
     max_rollin_fraction: float = 1.0
     """a roll-in forces h ~ Uniform{1..f (len-1)} tokens, f this fraction (1: the authors' Uniform{1..len-1})"""
     rollin_schedule: Literal["uniform", "reverse", "adaptive", "anneal"] = "uniform"
-    """how deep resets start: uniform (the authors'), reverse (from the end back), adaptive (per prompt, towards 50%
-    success), anneal (the depth falls to 0 by 60% of the iterations); common/resets.py has each one's paper"""
+    """how deep resets start: uniform (the authors'), reverse, adaptive or anneal (common/resets.py: their papers)"""
     kl_coef: float = 0.05
     """weight of the per-token KL estimate to the reference"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
@@ -186,10 +184,8 @@ if __name__ == "__main__":
     model = PolicyAndValue(policy, value_model)
     optimizer, scheduler = make_optimizer(model, args)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    # ALGO LOGIC: the roll-in schedule, its state (if any) saved in the checkpoints
-    schedule = make_schedule(args.ppo.rollin_schedule, max_fraction=args.ppo.max_rollin_fraction,
-                             num_rows=len(run.train_rows), num_iterations=args.num_iterations)
-    accelerator.register_for_checkpointing(schedule)
+    schedule = make_schedule(args.ppo.rollin_schedule, len(run.train_rows), args.num_iterations,
+                             args.ppo.max_rollin_fraction, accelerator)  # ALGO LOGIC: the roll-in depths, checkpointed
     start_iteration = start_training(run, policy)  # resumes from --resume_from; evaluates the reference policy
 
     with save_on_failure(run, policy):
@@ -201,8 +197,7 @@ if __name__ == "__main__":
             prefixes = queries[:, :0]  # (B, L) the responses whose first h tokens are forced
             if args.ppo.reset_prob > 0:
                 prefixes, prefix_lengths = demo_ids[batch].to(device), demo_lengths[batch].to(device)  # (B, T), (B,)
-                rollin = schedule.depths(prefix_lengths, args.ppo.reset_prob, (args.seed, iteration, batch),
-                                         iteration)  # (B,) one generator per prompt
+                rollin = schedule.depths(prefix_lengths, args.ppo.reset_prob, (args.seed, iteration, batch), iteration)
 
             # 2. generate, and 3. truncate at EOS: the policy continues each reset state; the roll-in goes back in front
             responses, mask, lengths, has_eos, forced = reset_rollout(
@@ -214,8 +209,7 @@ if __name__ == "__main__":
             if args.ppo.missing_eos_penalty is not None:
                 scores = torch.where(has_eos, scores, torch.full_like(scores, args.ppo.missing_eos_penalty))
             if args.ppo.reset_prob > 0:  # ALGO LOGIC: the schedule learns from the whole batch's scores
-                schedule.update(*accelerator.gather((torch.as_tensor(batch, device=device), rollin, prefix_lengths,
-                                                     scores)))
+                schedule.update(batch, rollin, prefix_lengths, scores, accelerator.gather)
 
             # 5. rewards and advantages
             query_responses = torch.cat([queries, responses], dim=1)  # (B, P+T): what the models read

@@ -104,9 +104,8 @@ if __name__ == "__main__":
     accelerator, device, tokenizer = run.accelerator, run.device, run.tokenizer
     # ALGO LOGIC: every training row's dataset response + EOS (the prefixes resets force), and the roll-in schedule
     demo_ids, demo_lengths = tokenize_demonstrations(tokenizer, run.train_rows, args.response_length)  # (N, T), (N,)
-    schedule = make_schedule(args.grpo.rollin_schedule, num_rows=len(run.train_rows),
-                             num_iterations=args.num_iterations)
-    accelerator.register_for_checkpointing(schedule)  # its state goes into the checkpoints
+    schedule = make_schedule(args.grpo.rollin_schedule, len(run.train_rows), args.num_iterations,
+                             accelerator=accelerator)  # its state goes into the checkpoints
     optimizer, scheduler = make_optimizer(policy, args)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     start_iteration = start_training(run, policy)  # resumes from --resume_from; evaluates the reference policy
@@ -129,9 +128,8 @@ if __name__ == "__main__":
             # 4. score
             scores = run.score(rows, tokenizer.batch_decode(responses, skip_special_tokens=True)).to(device)  # (B,)
             if args.grpo.reset_prob > 0:  # ALGO LOGIC: the schedule learns from the whole batch's scores
-                schedule.update(*accelerator.gather((torch.as_tensor(batch, device=device).repeat_interleave(G),
-                                                     rollin.repeat_interleave(G), prefix_lengths.repeat_interleave(G),
-                                                     scores)))
+                schedule.update(torch.as_tensor(batch, device=device).repeat_interleave(G), rollin.repeat_interleave(G),
+                                prefix_lengths.repeat_interleave(G), scores, accelerator.gather)
 
             # 5. rewards and advantages -- ALGO LOGIC: the group baseline replaces a value model
             query_responses = torch.cat([queries, responses], dim=1)  # (B, P+T): what the models read

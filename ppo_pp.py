@@ -49,8 +49,7 @@ class PPOHParams:
     max_rollin_fraction: float = 1.0
     """a roll-in forces h ~ Uniform{1..f (len-1)} tokens, f this fraction (1: the authors' Uniform{1..len-1})"""
     rollin_schedule: Literal["uniform", "reverse", "adaptive", "anneal"] = "uniform"
-    """how deep resets start: uniform (the authors'), reverse (from the end back), adaptive (per prompt, towards 50%
-    success), anneal (the depth falls to 0 by 60% of the iterations); common/resets.py has each one's paper"""
+    """how deep resets start: uniform (the authors'), reverse, adaptive or anneal (common/resets.py: their papers)"""
     kl_coef: float = 0.05
     """weight of the per-token KL estimate to the reference"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
@@ -179,10 +178,8 @@ if __name__ == "__main__":
     model = PolicyAndValue(policy, value_model)
     optimizer, scheduler = make_optimizer(model, args)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    # ALGO LOGIC: the roll-in schedule, its state (if any) saved in the checkpoints
-    schedule = make_schedule(args.ppo.rollin_schedule, max_fraction=args.ppo.max_rollin_fraction,
-                             num_rows=len(run.train_rows), num_iterations=args.num_iterations)
-    accelerator.register_for_checkpointing(schedule)
+    schedule = make_schedule(args.ppo.rollin_schedule, len(run.train_rows), args.num_iterations,
+                             args.ppo.max_rollin_fraction, accelerator)  # ALGO LOGIC: the roll-in depths, checkpointed
     start_iteration = start_training(run, policy)  # resumes from --resume_from; evaluates the reference policy
 
     with save_on_failure(run, policy):
@@ -194,8 +191,7 @@ if __name__ == "__main__":
             prefixes = queries[:, :0]  # (B, L) the responses whose first h tokens are forced
             if args.ppo.reset_prob > 0:
                 prefixes, _, prefix_lengths, _ = rollout(run, ref_model, queries, query_mask, args.temperature)
-                rollin = schedule.depths(prefix_lengths, args.ppo.reset_prob, (args.seed, iteration, batch),
-                                         iteration)  # (B,) one generator per prompt
+                rollin = schedule.depths(prefix_lengths, args.ppo.reset_prob, (args.seed, iteration, batch), iteration)
 
             # 2. generate, and 3. truncate at EOS: the policy continues each reset state; the roll-in goes back in front
             responses, mask, lengths, has_eos, forced = reset_rollout(
@@ -207,8 +203,7 @@ if __name__ == "__main__":
             if args.ppo.missing_eos_penalty is not None:
                 scores = torch.where(has_eos, scores, torch.full_like(scores, args.ppo.missing_eos_penalty))
             if args.ppo.reset_prob > 0:  # ALGO LOGIC: the schedule learns from the whole batch's scores
-                schedule.update(*accelerator.gather((torch.as_tensor(batch, device=device), rollin, prefix_lengths,
-                                                     scores)))
+                schedule.update(batch, rollin, prefix_lengths, scores, accelerator.gather)
 
             # 5. rewards and advantages
             query_responses = torch.cat([queries, responses], dim=1)  # (B, P+T): what the models read

@@ -106,7 +106,13 @@ class UniformSchedule:
     def depths(self, prefix_lengths, reset_prob: float, draw, iteration: int):
         return sample_rollin_lengths(prefix_lengths, reset_prob, draw, self.max_fraction)
 
-    def update(self, rows, depths, prefix_lengths, scores):
+    def update(self, rows, depths, prefix_lengths, scores, gather=lambda t: t):
+        """Learn from a batch: row ids (numpy or tensor), depths, prefix lengths and scores (B,); `gather` (e.g.
+        accelerator.gather) joins every process's batch, so every process keeps the same state."""
+        rows = torch.as_tensor(rows, device=depths.device)
+        self.learn(*(gather(t) for t in (rows, depths, prefix_lengths, scores)))
+
+    def learn(self, rows, depths, prefix_lengths, scores):
         pass
 
     def stats(self) -> dict:
@@ -138,7 +144,7 @@ class ReverseSchedule(UniformSchedule):
             out.append(min(h, n - 1) if coin < reset_prob and n > 1 else 0)
         return torch.tensor(out, dtype=torch.long, device=prefix_lengths.device)
 
-    def update(self, rows, depths, prefix_lengths, scores):
+    def learn(self, rows, depths, prefix_lengths, scores):
         first = torch.round(self.start * (prefix_lengths - 1).double()).long()
         at_start = (depths == first) & (depths > 0)
         if at_start.any() and scores[at_start].clamp(0, 1).mean().item() >= self.threshold:
@@ -180,7 +186,7 @@ class AdaptiveSchedule(UniformSchedule):
             out.append(min(h, n - 1) if coin < reset_prob and n > 1 else 0)
         return torch.tensor(out, dtype=torch.long, device=prefix_lengths.device)
 
-    def update(self, rows, depths, prefix_lengths, scores):
+    def learn(self, rows, depths, prefix_lengths, scores):
         prior = self.prior()
         success = {}  # a prompt's mean success over its samples this iteration, reset or not (a group's, for GRPO)
         for row, s in zip(rows.tolist(), scores.clamp(0, 1).tolist()):
@@ -223,7 +229,12 @@ class AnnealSchedule(UniformSchedule):
         return torch.tensor(out, dtype=torch.long, device=prefix_lengths.device)
 
 
-def make_schedule(name: str, *, max_fraction: float = 1.0, num_rows: int = 0, num_iterations: int = 1):
-    """The roll-in schedule `name` (one of SCHEDULES) with its papers' settings."""
+def make_schedule(name: str, num_rows: int, num_iterations: int, max_fraction: float = 1.0, accelerator=None):
+    """The roll-in schedule `name` (one of SCHEDULES) with its papers' settings, for `num_rows` training prompts and
+    `num_iterations` iterations (uniform: h ~ U{1..max_fraction (len - 1)}); registered with `accelerator` when given,
+    so that its checkpoints save the schedule's state and --resume_from restores it."""
     kinds = dict(uniform=UniformSchedule, reverse=ReverseSchedule, adaptive=AdaptiveSchedule, anneal=AnnealSchedule)
-    return kinds[name](max_fraction=max_fraction, num_rows=num_rows, num_iterations=num_iterations)
+    schedule = kinds[name](max_fraction=max_fraction, num_rows=num_rows, num_iterations=num_iterations)
+    if accelerator is not None:
+        accelerator.register_for_checkpointing(schedule)
+    return schedule

@@ -22,12 +22,12 @@ def test_uniform_is_the_authors_draw():
     lengths = torch.randint(1, 30, (N,), generator=torch.Generator().manual_seed(0))
     for beta in (0.5, 1.0):
         expected = sample_rollin_lengths(lengths, beta, ROWS, 0.5)
-        assert torch.equal(make_schedule("uniform", max_fraction=0.5).depths(lengths, beta, ROWS, 7), expected)
+        assert torch.equal(make_schedule("uniform", N, 10, max_fraction=0.5).depths(lengths, beta, ROWS, 7), expected)
 
 
 def test_every_schedule_keeps_the_reset_probability_and_a_groups_shared_depth():
     for name in SCHEDULES:
-        schedule = make_schedule(name, num_rows=N, num_iterations=10)
+        schedule = make_schedule(name, N, 10)
         h = schedule.depths(LENGTHS, 0.0, ROWS, 1)
         assert h.sum() == 0, name  # no resets: every sample from the prompt
         h = schedule.depths(LENGTHS, 0.3, ROWS, 1)
