@@ -121,6 +121,21 @@ def responses_per_prompt(name: str, script_args) -> int:
     return {"grpo": group, "grpo_reset": group, "rebel": lambda a: 2}.get(name, lambda a: 1)(script_args)
 
 
+def run_logged(cmd: list, log_path: str) -> int:
+    """Run `cmd` from the project root, its output into `log_path`; the exit status. `python script.py ...` is forked
+    from a process that has already imported torch and transformers (benchmark/warm.py: a few seconds less a run);
+    another launcher (--launcher) runs as a subprocess."""
+    from benchmark import warm
+
+    if warm.can_run(cmd):
+        done = warm.Started(cmd, ROOT, dict(os.environ)).wait()
+        with open(log_path, "w") as f:
+            f.write(done.stdout + done.stderr)
+        return done.returncode
+    with open(log_path, "w") as log:
+        return subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
 def sft_model(args: Args) -> str:
     """The folder of the SFT start every run shares (empty without --sft_rows): `sft.py` on the first
     --sft_rows training demonstrations, run once (kept when it is there)."""
@@ -138,10 +153,9 @@ def sft_model(args: Args) -> str:
     log_path = os.path.join(args.output_dir, "logs", "sft.log")
     print(f"[compare] the SFT start: {' '.join(shlex.quote(c) for c in cmd[1:])}\n          log: {log_path}",
           flush=True)
-    with open(log_path, "w") as log:
-        if subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
-            raise SystemExit(f"[compare] sft.py failed; the last lines of {log_path}:\n"
-                             + "".join(open(log_path).readlines()[-15:]))
+    if run_logged(cmd, log_path) != 0:
+        raise SystemExit(f"[compare] sft.py failed; the last lines of {log_path}:\n"
+                         + "".join(open(log_path).readlines()[-15:]))
     return path
 
 
@@ -181,8 +195,7 @@ def run_one(name: str, seed: int, args: Args, start_model: str = "") -> dict:
     print(f"[compare] {name} seed {seed}: {' '.join(shlex.quote(c) for c in cmd[1:])}\n"
           f"          log: {log_path}", flush=True)
     start = time.time()
-    with open(log_path, "w") as log:
-        returncode = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    returncode = run_logged(cmd, log_path)
     done = {"algorithm": name, "seed": seed, "returncode": returncode, "wall_seconds": time.time() - start,
             "iterations": iterations, "command": cmd}
     with open(done_path, "w") as f:
