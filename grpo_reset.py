@@ -115,21 +115,21 @@ if __name__ == "__main__":
         for iteration in iterations(run, start_iteration):
             # 1. sample prompts
             batch, rows, queries, query_mask = sample_prompts(run, iteration, repeat=G)
-            # ALGO LOGIC: one roll-in length per prompt, shared by its group (0: the group starts from the prompt)
-            prefixes, prefix_lengths = demo_ids[batch].to(device), demo_lengths[batch].to(device)  # (B/G, T), (B/G,)
-            rollin = schedule.depths(prefix_lengths, args.grpo.reset_prob, (args.seed, iteration, batch), iteration)
+            # ALGO LOGIC: roll-in lengths, drawn per training row, so a group's samples (one row) share theirs (0: the
+            # group starts from the prompt)
+            row_ids = batch.repeat(G)  # (B,) each sample's training row
+            prefixes, prefix_lengths = demo_ids[row_ids].to(device), demo_lengths[row_ids].to(device)  # (B, T), (B,)
+            rollin = schedule.depths(prefix_lengths, args.grpo.reset_prob, (args.seed, iteration, row_ids), iteration)
 
             # 2. generate, and 3. truncate at EOS: the policy continues each reset state; the roll-in goes back in front
             responses, seen, lengths, has_eos, forced = reset_rollout(
-                run, policy, queries, query_mask, prefixes.repeat_interleave(G, 0), rollin.repeat_interleave(G),
-                args.temperature)  # (B, T) each; forced: the roll-in
+                run, policy, queries, query_mask, prefixes, rollin, args.temperature)  # (B, T) each; forced: roll-in
             mask = seen & ~forced  # (B, T) the tokens the policy chose: the only ones with a loss, a ratio and a KL
 
             # 4. score
             scores = run.score(rows, tokenizer.batch_decode(responses, skip_special_tokens=True)).to(device)  # (B,)
             if args.grpo.reset_prob > 0:  # ALGO LOGIC: the schedule learns from the whole batch's scores
-                schedule.update(torch.as_tensor(batch, device=device).repeat_interleave(G), rollin.repeat_interleave(G),
-                                prefix_lengths.repeat_interleave(G), scores, accelerator.gather)
+                schedule.update(row_ids, rollin, prefix_lengths, scores, accelerator.gather)
 
             # 5. rewards and advantages -- ALGO LOGIC: the group baseline replaces a value model
             query_responses = torch.cat([queries, responses], dim=1)  # (B, P+T): what the models read

@@ -121,19 +121,20 @@ def responses_per_prompt(name: str, script_args) -> int:
     return {"grpo": group, "grpo_reset": group, "rebel": lambda a: 2}.get(name, lambda a: 1)(script_args)
 
 
-def run_logged(cmd: list, log_path: str) -> int:
-    """Run `cmd` from the project root, its output into `log_path`; the exit status. `python script.py ...` is forked
-    from a process that has already imported torch and transformers (benchmark/warm.py: a few seconds less a run);
-    another launcher (--launcher) runs as a subprocess."""
+def run_logged(cmd: list, log_path: str, env: dict | None = None) -> int:
+    """Run `cmd` from the project root with `env` (default: this process's), its output into `log_path`; the exit
+    status. `python script.py ...` is forked from a process that has already imported torch and transformers
+    (benchmark/warm.py: a few seconds less a run); another launcher (--launcher) runs as a subprocess."""
     from benchmark import warm
 
+    env = dict(os.environ) if env is None else env
     if warm.can_run(cmd):
-        done = warm.Started(cmd, ROOT, dict(os.environ)).wait()
+        done = warm.Started(cmd, ROOT, env).wait()
         with open(log_path, "w") as f:
             f.write(done.stdout + done.stderr)
         return done.returncode
     with open(log_path, "w") as log:
-        return subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        return subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
 def sft_model(args: Args) -> str:

@@ -36,7 +36,7 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from benchmark import compare, warm  # noqa: E402
+from benchmark import compare  # noqa: E402
 
 GROUP = ("grpo", "rebel", "apo")
 
@@ -97,10 +97,7 @@ def launch(cmd: list, log_path: str) -> int:
     """Run `python script.py ...` forked warm (all cores), its output into `log_path`; the exit status."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     env.setdefault("WANDB_MODE", "disabled")
-    done = warm.Started(cmd, ROOT, env).wait()
-    with open(log_path, "w") as f:
-        f.write(done.stdout + done.stderr)
-    return done.returncode
+    return compare.run_logged(cmd, log_path, env)
 
 
 def reference(args: Args) -> str:

@@ -22,7 +22,6 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-import numpy as np
 import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -213,8 +212,7 @@ def report(args: Args, total_seconds: float | None = None) -> str:
         f.write(text + "\n")
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump({"args": vars(args), "rows": rows,
-                   "runs": {v: {s: r["points"] for s, r in per.items()} for v, per in runs.items()}}, f, indent=1,
-                  default=lambda x: None if isinstance(x, float) and np.isnan(x) else x)
+                   "runs": {v: {s: r["points"] for s, r in per.items()} for v, per in runs.items()}}, f, indent=1)
     try:
         figure = plot(runs, args)
     except ImportError:

@@ -150,16 +150,16 @@ def generate_static(model, query_ids, query_mask, response_length: int, temperat
     # Under bf16 autocast the keys leave the rotary embedding in fp32 and the values in bf16, and transformers' static
     # cache holds one dtype (index_copy_ fails): sample in the weights' own dtype, outside autocast and outside the
     # autocast wrapper accelerate puts on a prepared model's forward (it keeps the plain one as _original_forward).
-    wrapper, plain = model.__dict__.get("forward"), getattr(model, "_original_forward", None)
+    wrapper = model.__dict__.get("forward") if hasattr(model, "_original_forward") else None
     model.eval()
     base.generation_config = GenerationConfig()  # the model's own sampling defaults (top-k, penalties) left out
     try:
-        if wrapper is not None and plain is not None:
-            model.forward = plain
+        if wrapper is not None:
+            model.forward = model._original_forward
         with torch.autocast(ids.device.type, enabled=False):
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
     finally:
-        if wrapper is not None and plain is not None:
+        if wrapper is not None:
             model.forward = wrapper
         model.train(training)
         base.generation_config = model_defaults

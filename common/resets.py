@@ -8,6 +8,13 @@ import numpy as np
 import torch
 
 
+def row_generators(draw):
+    """One numpy generator per row from `draw` = (seed, iteration, row ids): a row's draws do not depend on the other
+    rows, on how the batch is split over processes, or (a group sharing a row id) on which copy of it is drawn."""
+    seed, iteration, rows = draw
+    return [np.random.default_rng([seed, iteration, int(r)]) for r in rows]
+
+
 def sample_rollin_lengths(prefix_lengths, reset_prob: float, generator, max_fraction: float = 1.0):
     """h ~ Uniform{1..m} with m = max(1, floor(max_fraction (len - 1))) with probability `reset_prob`, else 0 (no
     reset): (B,) -> (B,). max_fraction 1 is the authors' Uniform{1..len-1}: at most all of the prefix but its last
@@ -23,8 +30,7 @@ def sample_rollin_lengths(prefix_lengths, reset_prob: float, generator, max_frac
         u = torch.rand(lengths.shape, generator=generator, dtype=torch.float64)
         coin = torch.rand(lengths.shape, generator=generator, dtype=torch.float64)
     else:
-        seed, iteration, rows = generator
-        u, coin = torch.tensor(np.array([np.random.default_rng([seed, iteration, int(r)]).random(2) for r in rows]),
+        u, coin = torch.tensor(np.array([rng.random(2) for rng in row_generators(generator)]),
                                dtype=torch.float64).reshape(-1, 2).T  # (B,) each
     # float64 throughout: a float32 draw within 2^-25 of 1 rounds to 1.0 and would give h = longest + 1
     longest = ((lengths - 1).double() * max_fraction).long().clamp(min=1)  # (B,)
@@ -90,12 +96,6 @@ def splice_reset_responses(prefix_ids, rollin_lengths, continuations, response_l
 SCHEDULES = ("uniform", "reverse", "adaptive", "anneal")
 
 
-def _row_generators(draw):
-    """One numpy generator per row from (seed, iteration, row ids)."""
-    seed, iteration, rows = draw
-    return [np.random.default_rng([seed, iteration, int(r)]) for r in rows]
-
-
 class UniformSchedule:
     """h ~ Uniform{1..f_max (len - 1)}, the same at every iteration (DR-PO, Chang et al. 2024, and PPO++, Chang et al.
     2023: f_max = 1, their Uniform{1..len-1}); `sample_rollin_lengths`."""
@@ -125,7 +125,24 @@ class UniformSchedule:
         pass
 
 
-class ReverseSchedule(UniformSchedule):
+class DepthSchedule(UniformSchedule):
+    """A schedule that gives each reset's depth row by row (`depth`); the coin and the bounds are uniform's."""
+
+    def depths(self, prefix_lengths, reset_prob: float, draw, iteration: int):
+        """Each row's roll-in length h (B,): 0 (from the prompt) with probability 1 - reset_prob or when the prefix has
+        nothing before its last token, else the schedule's depth, at most len - 1."""
+        out = []
+        for rng, row, n in zip(row_generators(draw), draw[2], prefix_lengths.tolist()):
+            u, coin = rng.random(2)  # as sample_rollin_lengths draws them; a schedule may draw more from `rng`
+            out.append(min(self.depth(rng, u, int(row), n, iteration), n - 1) if coin < reset_prob and n > 1 else 0)
+        return torch.tensor(out, dtype=torch.long, device=prefix_lengths.device)
+
+    def depth(self, rng, u: float, row: int, n: int, iteration: int) -> int:
+        """A reset's depth for prompt `row` with an n-token prefix; `u` is a uniform draw, `rng` the row's generator."""
+        raise NotImplementedError
+
+
+class ReverseSchedule(DepthSchedule):
     """Reverse curriculum (Salimans & Chen 2018, "Learning Montezuma's Revenge from a Single Demonstration"; R^3, Xi et
     al. 2024): the start is first near the end of the prefix (f = 1: the policy writes only its last token) and moves
     back by `step` once at least `threshold` of the samples started there succeed. 80% of the resets start at the
@@ -135,14 +152,9 @@ class ReverseSchedule(UniformSchedule):
     def __init__(self, threshold: float = 0.2, step: float = 0.125, at_start: float = 0.8, **_):
         self.threshold, self.step, self.at_start, self.start = threshold, step, at_start, 1.0
 
-    def depths(self, prefix_lengths, reset_prob: float, draw, iteration: int):
-        out = []
-        for rng, n in zip(_row_generators(draw), prefix_lengths.tolist()):
-            u, coin, where = rng.random(3)
-            first = round(self.start * (n - 1))  # the current start, in tokens
-            h = first if where < self.at_start else first + int(u * (n - first))  # else uniform on {first..n-1}
-            out.append(min(h, n - 1) if coin < reset_prob and n > 1 else 0)
-        return torch.tensor(out, dtype=torch.long, device=prefix_lengths.device)
+    def depth(self, rng, u: float, row: int, n: int, iteration: int) -> int:
+        first = round(self.start * (n - 1))  # the current start, in tokens
+        return first if rng.random() < self.at_start else first + int(u * (n - first))  # else uniform on {first..n-1}
 
     def learn(self, rows, depths, prefix_lengths, scores):
         first = torch.round(self.start * (prefix_lengths - 1).double()).long()
@@ -160,7 +172,7 @@ class ReverseSchedule(UniformSchedule):
         self.start = state["start"]
 
 
-class AdaptiveSchedule(UniformSchedule):
+class AdaptiveSchedule(DepthSchedule):
     """Per prompt, aiming at a success rate `target` (in the spirit of AdaBack, Amani et al. 2025, and SEELE, 2025,
     which choose each problem's revealed fraction from its recent rewards): each prompt keeps a fraction f, moved
     after every iteration it appears in by step (target - its success over that iteration's samples, reset or not),
@@ -177,24 +189,21 @@ class AdaptiveSchedule(UniformSchedule):
         seen = self.fraction[~self.fraction.isnan()]
         return seen.mean().item() if len(seen) else 0.5
 
-    def depths(self, prefix_lengths, reset_prob: float, draw, iteration: int):
-        prior, out = self.prior(), []
-        for rng, row, n in zip(_row_generators(draw), draw[2], prefix_lengths.tolist()):
-            u, coin = rng.random(2)
-            f = self.fraction[int(row)].item()
-            h = int((prior if np.isnan(f) else f) * (n - 1) + u)  # stochastic rounding: E[h] = f (len - 1)
-            out.append(min(h, n - 1) if coin < reset_prob and n > 1 else 0)
-        return torch.tensor(out, dtype=torch.long, device=prefix_lengths.device)
+    def of(self, row: int, prior=None) -> float:
+        """Prompt `row`'s fraction, or before it is seen `prior` (default: the prompts' mean now)."""
+        f = self.fraction[row].item()
+        return f if not np.isnan(f) else self.prior() if prior is None else prior
+
+    def depth(self, rng, u: float, row: int, n: int, iteration: int) -> int:
+        return int(self.of(row) * (n - 1) + u)  # stochastic rounding: E[h] = f (len - 1)
 
     def learn(self, rows, depths, prefix_lengths, scores):
-        prior = self.prior()
+        prior = self.prior()  # before this batch's updates
         success = {}  # a prompt's mean success over its samples this iteration, reset or not (a group's, for GRPO)
         for row, s in zip(rows.tolist(), scores.clamp(0, 1).tolist()):
             success.setdefault(row, []).append(s)
         for row, s in success.items():
-            f = self.fraction[row].item()
-            self.fraction[row] = min(1.0, max(0.0, (prior if np.isnan(f) else f) + self.step * (self.target
-                                                                                              - np.mean(s))))
+            self.fraction[row] = min(1.0, max(0.0, self.of(row, prior) + self.step * (self.target - np.mean(s))))
 
     def stats(self) -> dict:
         return {"reset/mean_fraction": self.prior()}
@@ -206,7 +215,7 @@ class AdaptiveSchedule(UniformSchedule):
         self.fraction = state["fraction"]
 
 
-class AnnealSchedule(UniformSchedule):
+class AnnealSchedule(DepthSchedule):
     """Annealed hints (UFT, Liu et al. 2025): the expected fraction given falls by a cosine from `high` to `low` over
     the first `until` of the iterations, then 0; h ~ Binomial(len - 1, p(t)) as in UFT. No state but the
     iteration."""
@@ -220,13 +229,8 @@ class AnnealSchedule(UniformSchedule):
             return 0.0
         return self.low + 0.5 * (self.high - self.low) * (1 + np.cos(np.pi * (t + 1) / self.horizon))
 
-    def depths(self, prefix_lengths, reset_prob: float, draw, iteration: int):
-        p, out = self.fraction(iteration), []
-        for rng, n in zip(_row_generators(draw), prefix_lengths.tolist()):
-            _, coin = rng.random(2)
-            h = int(rng.binomial(n - 1, p)) if n > 1 else 0
-            out.append(h if coin < reset_prob else 0)
-        return torch.tensor(out, dtype=torch.long, device=prefix_lengths.device)
+    def depth(self, rng, u: float, row: int, n: int, iteration: int) -> int:
+        return int(rng.binomial(n - 1, self.fraction(iteration)))
 
 
 def make_schedule(name: str, num_rows: int, num_iterations: int, max_fraction: float = 1.0, accelerator=None):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from common.resets import (SCHEDULES, AdaptiveSchedule, AnnealSchedule, ReverseSchedule, make_schedule,
                            sample_rollin_lengths, splice_reset_responses)
 from conftest import read_jsonl, run_script, run_together
+from test_grpo import TINY  # grpo.py's short run on the tiny model
 
 N = 4000  # rows per distribution check: a frequency's binomial sd is at most sqrt(0.25 / 4000) = 0.008
 LENGTHS = torch.full((N,), 9)  # a 9-token prefix (8 steps and the EOS): depths 0..8
@@ -128,11 +129,6 @@ def test_roll_in_tokens_carry_no_gradient():
     assert forced.tolist()[0][:2] == [True, True]
     assert (logprobs.grad[forced] == 0).all()
     assert (logprobs.grad[mask] != 0).all()  # and every token the policy chose has one
-
-
-TINY = ["--num_iterations", "2", "--prompts_per_iteration", "4", "--grpo.num_generations", "2",
-        "--micro_batch_size", "4", "--response_length", "8", "--num_eval_prompts", "8", "--eval_batch_size", "8",
-        "--num_train_prompts", "32", "--learning_rate", "1e-3"]
 
 
 def _strip(rows):
