@@ -26,8 +26,10 @@ import torch
 
 from common.config import BaseArgs, parse_args
 from common.generation import forward_logprobs
-from common.run import (end_iteration, finish_run, iterations, keep_training_prompts, logprobs_of, rollout,
-                        sample_prompts, save_on_failure, setup_run, start_training, training_prompt_scores)
+from common.processes import end_processes
+from common.prompt_scores import keep_training_prompts, training_prompt_scores
+from common.run import (finish_run, iteration_metrics, iterations, log_iteration, logprobs_of, rollout,
+                        sample_prompts, save_on_failure, setup_run, start_training)
 from common.training import make_optimizer, masked_mean, micro_batches, minibatches, optimizer_step
 
 
@@ -83,7 +85,7 @@ if __name__ == "__main__":
     ref_rewards, stage1_seconds = training_prompt_scores(run, ref_model, args.apo.num_samples, "apo_stage1")  # (P, N)
     v_star = optimal_value(ref_rewards, args.apo.beta1)  # (P,)
     if args.apo.stage1_only:
-        raise SystemExit(0)
+        end_processes(accelerator)  # the scores are cached for later runs
     if args.apo.filter_unsolved:  # train on the prompts the reference solved at least once
         v_star = v_star[keep_training_prompts(run, (ref_rewards > 0).any(dim=1))]
 
@@ -97,7 +99,8 @@ if __name__ == "__main__":
             batch, rows, queries, query_mask = sample_prompts(run, iteration)
 
             # 2. generate, and 3. truncate at EOS
-            responses, mask, lengths, has_eos = rollout(run, policy, queries, query_mask, args.temperature)  # (B, T)
+            responses, mask, lengths, has_eos, gen_seconds = rollout(run, policy, queries, query_mask,
+                                                                     args.temperature)  # (B, T)
 
             # 4. score
             scores = run.score(rows, tokenizer.batch_decode(responses, skip_special_tokens=True)).to(device)  # (B,)
@@ -130,8 +133,9 @@ if __name__ == "__main__":
             stats["objective/v_star"] = values.mean().item()
             kl = torch.tensor(stats["objective/kl"]).mean().item()  # the regression's KL term is beta2 * this
             stats["objective/rlhf_reward"] = scores.mean().item() - args.apo.beta2 * kl
-            if end_iteration(run, stats, scores=scores, lengths=lengths, has_eos=has_eos, scheduler=scheduler,
-                             episode=iteration * args.prompts_per_iteration, policy=policy, ref_model=ref_model):
-                break
+            metrics = iteration_metrics(run, stats, scores=scores, lengths=lengths, has_eos=has_eos,
+                                        scheduler=scheduler, generate_seconds=gen_seconds,
+                                        episode=iteration * args.prompts_per_iteration)
+            log_iteration(run, metrics, policy, ref_model)  # evaluates every --eval_every, saves every --save_every
 
     finish_run(run, policy, ref_model)

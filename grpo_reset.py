@@ -30,8 +30,8 @@ import torch
 
 from common.config import BaseArgs, parse_args
 from common.generation import forward_logprobs
-from common.resets import make_schedule, tokenize_demonstrations
-from common.run import (end_iteration, finish_run, iterations, logprobs_of, reset_rollout, sample_prompts,
+from common.resets import make_schedule, reset_rollout, tokenize_demonstrations
+from common.run import (finish_run, iteration_metrics, iterations, log_iteration, logprobs_of, sample_prompts,
                         save_on_failure, setup_run, start_training)
 from common.training import kl_per_token, make_optimizer, masked_mean, micro_batches, minibatches, optimizer_step
 
@@ -122,7 +122,7 @@ if __name__ == "__main__":
             rollin = schedule.depths(prefix_lengths, args.grpo.reset_prob, (args.seed, iteration, row_ids), iteration)
 
             # 2. generate, and 3. truncate at EOS: the policy continues each reset state; the roll-in goes back in front
-            responses, seen, lengths, has_eos, forced = reset_rollout(
+            responses, seen, lengths, has_eos, forced, gen_seconds = reset_rollout(
                 run, policy, queries, query_mask, prefixes, rollin, args.temperature)  # (B, T) each; forced: roll-in
             mask = seen & ~forced  # (B, T) the tokens the policy chose: the only ones with a loss, a ratio and a KL
 
@@ -168,8 +168,9 @@ if __name__ == "__main__":
 
             # 7. log and evaluate
             stats.update({"val/rollin_length": forced.sum(1).float().mean().item(), **schedule.stats()})
-            if end_iteration(run, stats, scores=scores, lengths=lengths, has_eos=has_eos, scheduler=scheduler,
-                             episode=iteration * args.prompts_per_iteration * G, policy=policy, ref_model=ref_model):
-                break
+            metrics = iteration_metrics(run, stats, scores=scores, lengths=lengths, has_eos=has_eos,
+                                        scheduler=scheduler, generate_seconds=gen_seconds,
+                                        episode=iteration * args.prompts_per_iteration * G)
+            log_iteration(run, metrics, policy, ref_model)  # evaluates every --eval_every, saves every --save_every
 
     finish_run(run, policy, ref_model)

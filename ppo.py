@@ -26,8 +26,8 @@ from common.config import BaseArgs, parse_args
 from common.generation import (entropy_from_logits, logprobs_from_logits, position_ids_from_mask,
                                response_logits)
 from common.models import add_lora, enable_gradient_checkpointing, load_reward_model
-from common.run import (end_iteration, finish_run, iterations, logprobs_of, rollout, sample_prompts,
-                        save_on_failure, setup_run, start_training)
+from common.run import (finish_run, iteration_metrics, iterations, log_iteration, logprobs_of, rollout,
+                        sample_prompts, save_on_failure, setup_run, start_training)
 from common.training import kl_per_token, make_optimizer, masked_mean, micro_batches, minibatches, optimizer_step
 
 
@@ -168,7 +168,8 @@ if __name__ == "__main__":
             batch, rows, queries, query_mask = sample_prompts(run, iteration)
 
             # 2. generate, and 3. truncate at EOS
-            responses, mask, lengths, has_eos = rollout(run, policy, queries, query_mask, args.temperature)  # (B, T)
+            responses, mask, lengths, has_eos, gen_seconds = rollout(run, policy, queries, query_mask,
+                                                                     args.temperature)  # (B, T)
             action_mask = mask  # (B, T) tokens the policy chose: rewards, whitening and losses use only these
 
             # 4. score
@@ -230,8 +231,9 @@ if __name__ == "__main__":
                           "objective/entropy": masked_mean(entropy, action_mask),
                           "objective/non_score_reward": (-args.ppo.kl_coef * kl).mean().item(),
                           "objective/rlhf_reward": (scores - args.ppo.kl_coef * kl).mean().item()})
-            if end_iteration(run, stats, scores=scores, lengths=lengths, has_eos=has_eos, scheduler=scheduler,
-                             episode=iteration * args.prompts_per_iteration, policy=policy, ref_model=ref_model):
-                break
+            metrics = iteration_metrics(run, stats, scores=scores, lengths=lengths, has_eos=has_eos,
+                                        scheduler=scheduler, generate_seconds=gen_seconds,
+                                        episode=iteration * args.prompts_per_iteration)
+            log_iteration(run, metrics, policy, ref_model)  # evaluates every --eval_every, saves every --save_every
 
     finish_run(run, policy, ref_model, trained=model)  # saves the policy (the value model: in the checkpoints)

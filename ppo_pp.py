@@ -36,9 +36,9 @@ from common.config import BaseArgs, parse_args
 from common.generation import (entropy_from_logits, logprobs_from_logits, position_ids_from_mask,
                                response_logits)
 from common.models import add_lora, enable_gradient_checkpointing, load_reward_model
-from common.resets import make_schedule
-from common.run import (end_iteration, finish_run, iterations, logprobs_of, reset_rollout, rollout, sample_prompts,
-                        save_on_failure, setup_run, start_training)
+from common.resets import make_schedule, reset_rollout
+from common.run import (finish_run, iteration_metrics, iterations, log_iteration, logprobs_of, rollout,
+                        sample_prompts, save_on_failure, setup_run, start_training)
 from common.training import kl_per_token, make_optimizer, masked_mean, micro_batches, minibatches, optimizer_step
 
 
@@ -190,11 +190,11 @@ if __name__ == "__main__":
             rollin = torch.zeros(len(batch), dtype=torch.long, device=device)  # (B,) roll-in lengths h, 0: the prompt
             prefixes = queries[:, :0]  # (B, L) the responses whose first h tokens are forced
             if args.ppo.reset_prob > 0:
-                prefixes, _, prefix_lengths, _ = rollout(run, ref_model, queries, query_mask, args.temperature)
+                prefixes, _, prefix_lengths, _, _ = rollout(run, ref_model, queries, query_mask, args.temperature)
                 rollin = schedule.depths(prefix_lengths, args.ppo.reset_prob, (args.seed, iteration, batch), iteration)
 
             # 2. generate, and 3. truncate at EOS: the policy continues each reset state; the roll-in goes back in front
-            responses, mask, lengths, has_eos, forced = reset_rollout(
+            responses, mask, lengths, has_eos, forced, gen_seconds = reset_rollout(
                 run, policy, queries, query_mask, prefixes, rollin, args.temperature)  # (B, T) each; forced: roll-in
             action_mask = mask & ~forced  # (B, T) tokens the policy chose: rewards, whitening and losses use only these
 
@@ -260,8 +260,9 @@ if __name__ == "__main__":
                           "objective/non_score_reward": (-args.ppo.kl_coef * kl).mean().item(),
                           "objective/rlhf_reward": (scores - args.ppo.kl_coef * kl).mean().item(),
                           "val/rollin_length": forced.sum(1).float().mean().item(), **schedule.stats()})
-            if end_iteration(run, stats, scores=scores, lengths=lengths, has_eos=has_eos, scheduler=scheduler,
-                             episode=iteration * args.prompts_per_iteration, policy=policy, ref_model=ref_model):
-                break
+            metrics = iteration_metrics(run, stats, scores=scores, lengths=lengths, has_eos=has_eos,
+                                        scheduler=scheduler, generate_seconds=gen_seconds,
+                                        episode=iteration * args.prompts_per_iteration)
+            log_iteration(run, metrics, policy, ref_model)  # evaluates every --eval_every, saves every --save_every
 
     finish_run(run, policy, ref_model, trained=model)  # saves the policy (the value model: in the checkpoints)

@@ -26,8 +26,8 @@ import torch
 
 from common.config import BaseArgs, parse_args
 from common.generation import forward_logprobs
-from common.run import (end_iteration, finish_run, iterations, logprobs_of, rollout, sample_prompts,
-                        save_on_failure, setup_run, start_training)
+from common.run import (finish_run, iteration_metrics, iterations, log_iteration, logprobs_of, rollout,
+                        sample_prompts, save_on_failure, setup_run, start_training)
 from common.training import kl_per_token, make_optimizer, masked_mean, micro_batches, minibatches, optimizer_step
 
 
@@ -77,7 +77,8 @@ if __name__ == "__main__":
             batch, rows, queries, query_mask = sample_prompts(run, iteration, repeat=G)
 
             # 2. generate, and 3. truncate at EOS
-            responses, mask, lengths, has_eos = rollout(run, policy, queries, query_mask, args.temperature)  # (B, T)
+            responses, mask, lengths, has_eos, gen_seconds = rollout(run, policy, queries, query_mask,
+                                                                     args.temperature)  # (B, T)
 
             # 4. score
             scores = run.score(rows, tokenizer.batch_decode(responses, skip_special_tokens=True)).to(device)  # (B,)
@@ -113,8 +114,9 @@ if __name__ == "__main__":
             # 7. log and evaluate
             stats["objective/rlhf_reward"] = rewards.mean().item()
             stats.update({"objective/kl": kl.mean().item()} if ref_model is not None else {})
-            if end_iteration(run, stats, scores=scores, lengths=lengths, has_eos=has_eos, scheduler=scheduler,
-                             episode=iteration * args.prompts_per_iteration * G, policy=policy, ref_model=ref_model):
-                break
+            metrics = iteration_metrics(run, stats, scores=scores, lengths=lengths, has_eos=has_eos,
+                                        scheduler=scheduler, generate_seconds=gen_seconds,
+                                        episode=iteration * args.prompts_per_iteration * G)
+            log_iteration(run, metrics, policy, ref_model)  # evaluates every --eval_every, saves every --save_every
 
     finish_run(run, policy, ref_model)

@@ -1,10 +1,8 @@
 """Reward model: a Bradley-Terry model of pairwise preferences, the second step of the RLHF pipeline
 (Stiennon et al. 2020; Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO", arXiv:2403.17031).
 
-    python reward.py                                  # embedded SmolLM2-135M, arith pairs from its own samples,
-                                                      # CPU, ~45 min
-    python reward.py --num_train_prompts 400          # the same on 400 training prompts: ~26 min,
-                                                      # held-out accuracy 56% -> 93%
+    python reward.py                                  # embedded SmolLM2-135M, arith pairs from its own samples
+    python reward.py --num_train_prompts 400          # the same on 400 training prompts (benchmark/README.md)
     python reward.py --model_name runs/sft__1/model   # from the SFT model (its own samples make the pairs)
     python ppo.py --model_name runs/sft__1/model --reward_model runs/reward__1/model
     accelerate launch --config_file configs/ddp.yaml reward.py --model_name runs/sft__1/model --task tldr \\
@@ -49,138 +47,76 @@ Where this file departs from the summarize_from_feedback_details reward model an
    --num_samples give more pairs of two policy samples, at the cost of sampling time). The
    authors' settings for TL;DR are in benchmark/paper_scale.md.
 """
-import contextlib
 import hashlib
 import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import ClassVar, Literal, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-import tyro
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from common.checkpoints import start_run_dir
-from common.config import exact_div, parse_args
-from common.errors import UserError
+from common.cache import cache_path, load_cached, model_fingerprint, prompts_digest, write_cached
+from common.config import TrainArgs, parse_args
+from common.errors import DataError, UserError
 from common.generation import generate, truncate_after_eos
 from common.models import (EMBEDDED_MODEL, add_lora, enable_gradient_checkpointing, load_causal_lm, load_reward_model,
-                           load_tokenizer, merge_lora, resolve_model, save_model)
+                           load_tokenizer, merge_lora)
+from common.processes import peak_memory_gb
 from common.rewards import VERIFIERS, encode_for_reward_model, reward_model_texts, score_with_verifier
-from common.run import end_processes, make_accelerator, param_checksum, peak_memory_gb, seed_everything
-from common.tasks import DataError, encode_prompts, load_preference_task, load_task
-from common.tracking import init_wandb, log_metrics
-from common.training import adamw, linear_schedule
+from common.supervised import (end_run, epoch_batches, finish, reduce_mean, report, save_on_failure, setup_supervised,
+                               start_tracking)
+from common.tasks import encode_prompts, load_preference_task, load_task
+from common.tracking import log_metrics
+from common.training import adamw, linear_schedule, micro_batches, optimizer_step
 
 
 @dataclass
-class Args:
-    # experiment
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """name of the run; its folder is {output_dir}/{exp_name}__{seed}__{time}, linked as {exp_name}__{seed}"""
-    seed: int = 1
-    """random seed (each process adds process_index * 100003); also seeds the policy samples"""
-    output_dir: str = "runs"
-    """where run folders go (metrics.jsonl, train_pairs.jsonl, eval_pairs.jsonl, model/), and preference_pairs/
-    (the sample cache)"""
-    track: bool = False
-    """log to Weights & Biases too"""
-    wandb_project: str = "resetrl"
-    """wandb project name"""
-
-    # models
+class Args(TrainArgs):
     model_name: str = EMBEDDED_MODEL
     """initial weights of the reward model: a causal LM (hub id or folder) that gets a fresh one-output score head"""
     sample_model: Optional[str] = None
     """the reference policy whose samples make --pairs policy pairs (default: --model_name); pass the model RL will
     start from"""
-    trust_remote_code: bool = False
-    """allow models whose code lives in their repository"""
-    lora_r: int = 0
-    """LoRA rank (0: train every weight). With LoRA only the adapters train; model/ holds them merged into the base"""
-    lora_alpha: float = 32.0
-    """LoRA scale: the adapters' update is multiplied by lora_alpha / lora_r"""
-    lora_target_modules: str = "all-linear"
-    """the layers that get adapters: all-linear, or comma-separated module names (q_proj,v_proj)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass instead of storing them: less memory, about a third more compute"""
-    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
-    """compute precision: auto = bf16 autocast on a GPU that supports it (weights and optimizer stay fp32, frozen
-    models load in bf16), or what `accelerate launch`'s config says; no = fp32 everywhere (always on CPU)"""
-
-    # task and pairs
-    task: str = "arith"
-    """arith (embedded, offline), gsm8k, tldr or hh"""
     pairs: Optional[Literal["policy", "dataset"]] = None
     """where pairs come from: policy = the reference policy's samples judged by the task's verifier;
-    dataset = the task's chosen/rejected columns (default: policy for arith and gsm8k, dataset otherwise)"""
-    data_files: Optional[str] = None
-    """local .json/.jsonl/.parquet training file(s), comma-separated, with the task's hub columns
-    (tldr with --pairs dataset: prompt, chosen, rejected)"""
-    eval_data_files: Optional[str] = None
-    """local held-out file(s), same columns"""
+    dataset = the task's chosen/rejected columns (default: policy for verifiable tasks, dataset otherwise)"""
     num_train_prompts: Optional[int] = None
     """use the first N training prompts (--pairs policy) or pairs (--pairs dataset) (default: all)"""
     num_eval_prompts: int = 250
     """held-out prompts (--pairs policy) or pairs (--pairs dataset) for the preference accuracy"""
-    max_prompt_length: int = 256
-    """longest prompt in tokens for sampling (--pairs policy); longer prompts are refused"""
     max_length: int = 512
     """longest prompt + response in tokens the reward model reads; longer pairs are skipped, with a count"""
-
-    # policy samples (--pairs policy)
     num_samples: int = 4
-    """N: responses sampled per prompt"""
+    """N: responses sampled per prompt (--pairs policy)"""
     temperature: float = 0.7
     """sampling temperature (pure sampling, as in the RL files' rollouts)"""
     response_length: int = 24
     """tokens sampled per response (cut after the first EOS)"""
     sample_batch_size: int = 16
     """prompts per generate call (each gives N sequences)"""
-
-    # batches and optimiser
     epochs: int = 2
     """passes over the training pairs"""
     batch_size: int = 16
     """pairs per optimizer step, over all processes"""
     micro_batch_size: int = 8
     """pairs per forward/backward on one process (2x as many sequences; gradient accumulation fills the batch)"""
-    learning_rate: float = 2e-5
-    """AdamW learning rate"""
     lr_schedule: Literal["linear", "constant"] = "linear"
     """learning-rate schedule over the optimizer steps"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    max_grad_norm: float = 1.0
-    """gradient clipping norm"""
     eval_batch_size: int = 32
     """pairs per evaluation batch"""
-
-    # normalisation
     normalize: bool = True
     """store the mean and std of the raw reward on the training pairs' responses in the saved config;
     common/rewards.py then scores (r - mean) / std"""
     num_normalize_pairs: int = 1024
     """training pairs (first N) whose chosen and rejected responses give that mean and std"""
-
-    # derived right after parsing (not flags)
     ranges: ClassVar[dict] = dict(
-        num_train_prompts=">= 1", num_eval_prompts=">= 1", max_prompt_length=">= 1", max_length=">= 2",
-        num_samples=">= 1", temperature="> 0", response_length=">= 1", sample_batch_size=">= 1", epochs=">= 1",
-        batch_size=">= 1", micro_batch_size=">= 1", learning_rate="> 0", weight_decay=">= 0", max_grad_norm="> 0",
-        eval_batch_size=">= 1", num_normalize_pairs=">= 1")  # checked when the flags are parsed
-
-    world_size: tyro.conf.Suppress[int] = 0
-    """number of processes"""
-    local_batch_size: tyro.conf.Suppress[int] = 0
-    """pairs per optimizer step on this process"""
-    grad_accum_steps: tyro.conf.Suppress[int] = 0
-    """micro-batches per optimizer step"""
+        TrainArgs.ranges, num_train_prompts=">= 1", max_length=">= 2", num_samples=">= 1", temperature="> 0",
+        response_length=">= 1", sample_batch_size=">= 1", epochs=">= 1", batch_size=">= 1", num_normalize_pairs=">= 1")
 
 
 # ALGO LOGIC: the Bradley-Terry model, P(chosen preferred) = sigmoid(r_chosen - r_rejected)
@@ -229,17 +165,6 @@ def sample_texts(model, tokenizer, query_ids, query_mask, num_samples: int, resp
     return [texts[i: i + num_samples] for i in range(0, len(texts), num_samples)]
 
 
-def model_fingerprint(name: str) -> str:
-    """The name of a hub model; for a local folder, its path plus the size and mtime of its weight files (retraining
-    in place changes it)."""
-    path = resolve_model(name)
-    if not os.path.isdir(path):
-        return name
-    stats = sorted((f, os.path.getsize(os.path.join(path, f)), int(os.path.getmtime(os.path.join(path, f))))
-                   for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
-    return json.dumps([os.path.abspath(path), stats])
-
-
 def preference_accuracy_and_loss(rewards_chosen, rewards_rejected):
     """Sums over pairs of [r_c > r_r], the BT loss and the margin r_c - r_r: (B,), (B,) -> dict of floats."""
     return {"preference_accuracy": (rewards_chosen > rewards_rejected).float().sum().item(),
@@ -249,11 +174,6 @@ def preference_accuracy_and_loss(rewards_chosen, rewards_rejected):
 
 if __name__ == "__main__":
     args = parse_args(Args)
-    accelerator = make_accelerator(args.mixed_precision)
-    args.world_size = accelerator.num_processes
-    args.local_batch_size = exact_div(args.batch_size, args.world_size, "--batch_size over processes")
-    args.grad_accum_steps = exact_div(args.local_batch_size, args.micro_batch_size,
-                                      "pairs per process over --micro_batch_size")
     pairs_kind = args.pairs or ("policy" if args.task in VERIFIERS else "dataset")
     if pairs_kind == "policy" and args.task not in VERIFIERS:
         raise UserError(f"--pairs policy needs a task with a verifier ({', '.join(VERIFIERS)}); "
@@ -261,10 +181,8 @@ if __name__ == "__main__":
     if pairs_kind == "policy" and args.num_samples < 2:
         raise UserError("--num_samples must be at least 2 with --pairs policy: "
                          "a pair needs a wrong and (usually) a right sample")
-    seed_everything(args.seed + accelerator.process_index * 100003)
+    accelerator, run_dir = setup_supervised(args)
     device = accelerator.device
-    run_dir = start_run_dir(accelerator, args.output_dir, args.exp_name, args.seed)
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
     tokenizer = load_tokenizer(args.model_name, args.trust_remote_code)
 
     # 1. pairs: the task's own, or the reference policy's samples judged by the verifier (sampled once, cached)
@@ -281,19 +199,15 @@ if __name__ == "__main__":
             rows = load_task(args.task, split, files, num, args.seed if split == "train" else 0)
             # everything the samples depend on
             key = {"model": model_fingerprint(sample_model_name), "task": args.task, "split": split,
-                   "data_files": files, "num_prompts": len(rows),
-                   "prompts": hashlib.sha256(json.dumps([r["prompt"] for r in rows]).encode()).hexdigest(),
+                   "data_files": files, "num_prompts": len(rows), "prompts": prompts_digest(rows),
                    "num_samples": args.num_samples, "temperature": args.temperature,
-                   "response_length": args.response_length,
-                   "seed": args.seed, "sample_batch_size": args.sample_batch_size}
-            cache_path = os.path.join(
-                args.output_dir, "preference_pairs",
-                f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.jsonl")
-            if os.path.exists(cache_path):
-                with open(cache_path) as f:
-                    samples = [json.loads(line)["responses"] for line in f.readlines()[1:]]  # line 1: the key
-                accelerator.print(f"[reward] {split}: loaded {args.num_samples} cached samples per prompt "
-                                  f"from {cache_path}")
+                   "response_length": args.response_length, "seed": args.seed,
+                   "sample_batch_size": args.sample_batch_size}
+            path = cache_path(os.path.join(args.output_dir, "preference_pairs"), key)
+            cached = load_cached(path)
+            if cached is not None:
+                samples = cached["responses"]
+                accelerator.print(f"[reward] {split}: loaded {args.num_samples} cached samples per prompt from {path}")
             else:
                 # ALGO LOGIC: the reference policy samples N responses per prompt, as RL's rollouts would
                 if sampler is None:
@@ -315,16 +229,10 @@ if __name__ == "__main__":
                 # P lists of N, in row order
                 samples = [texts for _, batch in sorted(gather_object(mine)) for texts in batch]
                 if accelerator.is_main_process:
-                    os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-                    with open(f"{cache_path}.tmp{os.getpid()}", "w") as f:
-                        f.write(json.dumps({"key": key, "seconds": time.time() - start_time}) + "\n")
-                        f.writelines(json.dumps({"id": r["id"], "prompt": r["prompt"], "responses": t}) + "\n"
-                                     for r, t in zip(rows, samples))
-                    # a half-written file is never read as a cache
-                    os.replace(f"{cache_path}.tmp{os.getpid()}", cache_path)
+                    write_cached(path, {"key": key, "seconds": time.time() - start_time,
+                                        "ids": [r["id"] for r in rows], "responses": samples})
                     print(f"[reward] {split}: sampled {args.num_samples} responses per prompt "
-                          f"in {time.time() - start_time:.0f} s; "
-                          f"cached in {cache_path}")
+                          f"in {time.time() - start_time:.0f} s; cached in {path}")
             pairs, counts = build_policy_pairs(rows, samples, VERIFIERS[args.task], args.seed)
             accelerator.print(f"[reward] {split}: {len(pairs)} pairs from {counts['prompts']} prompts; "
                               f"{counts['skipped_no_wrong_sample']} prompts skipped (no wrong sample), "
@@ -367,13 +275,11 @@ if __name__ == "__main__":
         model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules, ["score"])
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    steps_per_epoch = len(train_pairs) // args.batch_size  # the last partial batch of each epoch is dropped
-    total_steps = args.epochs * steps_per_epoch
+    total_steps = args.epochs * (len(train_pairs) // args.batch_size)  # the last partial batch of each epoch dropped
     optimizer = adamw(model, args.learning_rate, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(args.lr_schedule, total_steps))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    wandb_run = init_wandb(args.track and accelerator.is_main_process, args.wandb_project,
-                           f"{args.exp_name}__{args.seed}", asdict(args), run_dir)
+    wandb_run = start_tracking(args, accelerator, run_dir)
 
     def pair_rewards(net, pairs):
         """Raw rewards of the chosen and the rejected responses of `pairs`, in one forward: -> (b,), (b,)."""
@@ -401,62 +307,35 @@ if __name__ == "__main__":
                                                  device=device), "sum")
         return {f"eval/{k}": (totals[i] / totals[-1]).item() for i, k in enumerate(keys)}, scored
 
-    def report(step, metrics):
-        if accelerator.is_main_process:
-            log_metrics(metrics, step, metrics_path, wandb_run)
-            tqdm.write(f"[eval @ {step}] " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-
     # 3. evaluation before training: a fresh head scores at chance
     before, _ = run_evaluation()
-    report(0, {**before, **pair_counts})
+    report(accelerator, 0, {**before, **pair_counts}, run_dir, wandb_run)
 
-    # 4. training: the same shuffled order on every process (from the seed and epoch), each takes its share of every
-    # batch
+    # 4. training: each process takes its share of every batch
     model.train()
-    step = 0
     pbar = tqdm(total=total_steps, desc="reward", disable=not accelerator.is_main_process)
-    try:
-        for epoch in range(args.epochs):
-            order = np.random.default_rng([args.seed, epoch]).permutation(len(train_pairs))
-            for batch_start in range(0, steps_per_epoch * args.batch_size, args.batch_size):
-                start_time = time.time()
-                mine = order[batch_start: batch_start + args.batch_size][accelerator.process_index:: args.world_size]
-                stats = {"loss/reward": 0.0, "train/preference_accuracy": 0.0, "train/margin": 0.0}
-                for k in range(args.grad_accum_steps):
-                    micro = [train_pairs[i] for i in mine[k * args.micro_batch_size: (k + 1) * args.micro_batch_size]]
-                    with (contextlib.nullcontext() if k == args.grad_accum_steps - 1 else accelerator.no_sync(model),
-                          accelerator.autocast()):
-                        chosen, rejected = pair_rewards(model, micro)  # (b,), (b,)
-                        loss = bradley_terry_loss(chosen, rejected)
-                        accelerator.backward(loss / args.grad_accum_steps)  # the mean over the minibatch's pairs
-                    stats["loss/reward"] += loss.item() / args.grad_accum_steps
-                    stats["train/preference_accuracy"] += ((chosen > rejected).float().mean().item()
-                                                           / args.grad_accum_steps)
-                    stats["train/margin"] += (chosen - rejected).mean().item() / args.grad_accum_steps
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-                step += 1
+    with save_on_failure(accelerator, model, tokenizer, run_dir, "reward"):
+        for step, (epoch, mine) in enumerate(epoch_batches(args, accelerator, len(train_pairs)), start=1):
+            start_time = time.time()
+            stats = {"loss/reward": 0.0, "train/preference_accuracy": 0.0, "train/margin": 0.0}
+            for micro in micro_batches(accelerator, model, torch.as_tensor(mine), args.micro_batch_size):
+                chosen, rejected = pair_rewards(model, [train_pairs[i] for i in micro.tolist()])  # (b,), (b,)
+                loss = bradley_terry_loss(chosen, rejected)
+                accelerator.backward(loss / args.grad_accum_steps)  # the mean over the minibatch's pairs
+                stats["loss/reward"] += loss.item() / args.grad_accum_steps
+                stats["train/preference_accuracy"] += (chosen > rejected).float().mean().item() / args.grad_accum_steps
+                stats["train/margin"] += (chosen - rejected).mean().item() / args.grad_accum_steps
+            optimizer_step(accelerator, model, optimizer, scheduler, args.max_grad_norm)
 
-                keys = sorted(stats)
-                means = accelerator.reduce(torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device),
-                                           "mean")
-                metrics = {k: means[i].item() for i, k in enumerate(keys)}
-                seconds = time.time() - start_time
-                metrics.update({"lr": scheduler.get_last_lr()[0], "episode": step * args.batch_size, "epoch": epoch,
-                                "perf/seconds_per_iter": seconds, "perf/peak_memory_gb": peak_memory_gb(device)})
-                if accelerator.is_main_process:
-                    log_metrics(metrics, step, metrics_path, wandb_run)
-                pbar.update(1)
-                pbar.set_postfix(loss=f"{metrics['loss/reward']:.3f}",
-                                 acc=f"{metrics['train/preference_accuracy']:.2f}", s_it=f"{seconds:.1f}")
-    except BaseException:
-        if accelerator.num_processes == 1:  # keep what was trained; several processes cannot agree on this safely
-            save_model(merge_lora(accelerator.unwrap_model(model)), tokenizer,
-                       os.path.join(run_dir, "model_interrupted"))
-            print(f"[reward] stopped early: the current model is saved in {run_dir}/model_interrupted")
-        raise
+            seconds = time.time() - start_time
+            metrics = {**reduce_mean(accelerator, stats), "lr": scheduler.get_last_lr()[0],
+                       "episode": step * args.batch_size, "epoch": epoch, "perf/seconds_per_iter": seconds,
+                       "perf/peak_memory_gb": peak_memory_gb(device)}
+            if accelerator.is_main_process:
+                log_metrics(metrics, step, os.path.join(run_dir, "metrics.jsonl"), wandb_run)
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{metrics['loss/reward']:.3f}", acc=f"{metrics['train/preference_accuracy']:.2f}",
+                             s_it=f"{seconds:.1f}")
     pbar.close()
     model.eval()
 
@@ -479,19 +358,13 @@ if __name__ == "__main__":
                              "train longer or pass --no_normalize")
         net.config.reward_mean, net.config.reward_std = mean, std
         after.update({"reward/mean": mean, "reward/std": std})
-    checksums = accelerator.gather(torch.tensor([param_checksum(net)], dtype=torch.float64, device=device))
-    after["dist/param_checksum_spread"] = (checksums.max() - checksums.min()).item()
-    report(step, after)
     scored = gather_object(scored)
-    accelerator.wait_for_everyone()
+    finish(accelerator, net, tokenizer, run_dir, after, wandb_run, total_steps)
     if accelerator.is_main_process:
         with open(os.path.join(run_dir, "eval_pairs.jsonl"), "w") as f:
             f.writelines(json.dumps(p) + "\n" for p in scored)
-        save_model(net, tokenizer, os.path.join(run_dir, "model"))
         norm = f"; scores are (r - {mean:.3f}) / {std:.3f}" if args.normalize else ""
         print(f"[reward] held-out preference accuracy on {num_eval} pairs: {before['eval/preference_accuracy']:.3f} -> "
               f"{after['eval/preference_accuracy']:.3f}{norm}\n"
               f"[reward] metrics, pairs and the model (pass it as --reward_model) are in {run_dir}")
-    if wandb_run is not None:
-        wandb_run.finish()
-    end_processes(accelerator)
+    end_run(wandb_run, accelerator)

@@ -1,7 +1,7 @@
 """SFT: supervised fine-tuning on a task's demonstrations, the first step of the RLHF pipeline
 (Stiennon et al. 2020; Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO", arXiv:2403.17031).
 
-    python sft.py                                     # embedded SmolLM2-135M on the arith demonstrations, CPU, ~8 min
+    python sft.py                                     # embedded SmolLM2-135M on the arith demonstrations, CPU
     python grpo.py --model_name runs/sft__1/model     # then RL from the fine-tuned model (reward.py for a reward model)
     accelerate launch --config_file configs/ddp.yaml sft.py --model_name EleutherAI/pythia-1b-deduped --task tldr \\
         --max_prompt_length 512 --max_response_length 64     # paper scale: benchmark/paper_scale.md
@@ -25,114 +25,51 @@ Where this file departs from the summarize_from_feedback_details SFT and why:
    model want the upper end of the usual 1e-5..5e-5 range. No warm-up. Paper-scale settings:
    benchmark/paper_scale.md.
 """
-import contextlib
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import ClassVar, Literal, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-import tyro
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from common.checkpoints import start_run_dir
-from common.config import exact_div, parse_args
-from common.errors import UserError
+from common.config import TrainArgs, parse_args
+from common.errors import DataError, UserError
 from common.evaluation import evaluate
-from common.models import (EMBEDDED_MODEL, add_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer,
-                           merge_lora, save_model)
+from common.models import add_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer, merge_lora
+from common.processes import peak_memory_gb
 from common.rewards import VERIFIERS, score_with_verifier
-from common.run import end_processes, make_accelerator, param_checksum, peak_memory_gb, seed_everything
-from common.tasks import DataError, encode_prompts, format_prompt, load_task
-from common.tracking import format_samples, init_wandb, log_metrics, write_samples
-from common.training import adamw, linear_schedule
+from common.supervised import (end_run, epoch_batches, finish, reduce_mean, report, save_on_failure, setup_supervised,
+                               start_tracking)
+from common.tasks import encode_prompts, format_prompt, load_task
+from common.tracking import log_metrics
+from common.training import adamw, linear_schedule, micro_batches, optimizer_step
 
 
 @dataclass
-class Args:
-    # experiment
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """name of the run; its folder is {output_dir}/{exp_name}__{seed}__{time}, linked as {exp_name}__{seed}"""
-    seed: int = 1
-    """random seed (each process adds process_index * 100003)"""
-    output_dir: str = "runs"
-    """where run folders go: metrics.jsonl, eval_samples.jsonl, model/"""
-    track: bool = False
-    """log to Weights & Biases too"""
-    wandb_project: str = "resetrl"
-    """wandb project name"""
-
-    # models
-    model_name: str = EMBEDDED_MODEL
-    """the causal LM to fine-tune: hub id or local folder (the default falls back to the packaged copy offline)"""
-    trust_remote_code: bool = False
-    """allow models whose code lives in their repository"""
-    lora_r: int = 0
-    """LoRA rank (0: train every weight). With LoRA only the adapters train; model/ holds them merged into the base"""
-    lora_alpha: float = 32.0
-    """LoRA scale: the adapters' update is multiplied by lora_alpha / lora_r"""
-    lora_target_modules: str = "all-linear"
-    """the layers that get adapters: all-linear, or comma-separated module names (q_proj,v_proj)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass instead of storing them: less memory, about a third more compute"""
-    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
-    """compute precision: auto = bf16 autocast on a GPU that supports it (weights and optimizer stay fp32, frozen
-    models load in bf16), or what `accelerate launch`'s config says; no = fp32 everywhere (always on CPU)"""
-
-    # task
-    task: str = "arith"
-    """arith (embedded, offline), gsm8k, tldr or hh: its rows' prompt and reference response"""
-    data_files: Optional[str] = None
-    """local .json/.jsonl/.parquet training file(s), comma-separated, with the task's hub columns"""
-    eval_data_files: Optional[str] = None
-    """local held-out file(s), same columns"""
+class Args(TrainArgs):
     num_train_rows: Optional[int] = None
     """use the first N training demonstrations (default: all)"""
     num_eval_prompts: int = 250
     """held-out demonstrations for the loss, and prompts for the accuracy"""
-    max_prompt_length: int = 256
-    """longest prompt in tokens; longer prompts are refused before training"""
     max_response_length: int = 24
     """longest demonstration in tokens, EOS included (longer ones are skipped, with a count); also the
     tokens generated per held-out prompt when measuring accuracy"""
-
-    # batches and optimiser
     epochs: int = 1
     """passes over the training demonstrations"""
     batch_size: int = 16
     """demonstrations per optimizer step, over all processes"""
-    micro_batch_size: int = 16
-    """sequences per forward/backward on one process (gradient accumulation fills the batch)"""
     learning_rate: float = 3e-5
     """AdamW learning rate"""
     lr_schedule: Literal["linear", "constant"] = "linear"
     """learning-rate schedule over the optimizer steps"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    max_grad_norm: float = 1.0
-    """gradient clipping norm"""
-    eval_every: int = 0
-    """evaluate every N optimizer steps (0: only before and after training)"""
-    eval_batch_size: int = 64
-    """prompts (or demonstrations, for the loss) per evaluation batch"""
-
-    # derived right after parsing (not flags)
-    ranges: ClassVar[dict] = dict(
-        num_train_rows=">= 1", num_eval_prompts=">= 1", max_prompt_length=">= 1", max_response_length=">= 1",
-        epochs=">= 1", batch_size=">= 1", micro_batch_size=">= 1", learning_rate="> 0", weight_decay=">= 0",
-        max_grad_norm="> 0", eval_every=">= 0", eval_batch_size=">= 1")  # checked when the flags are parsed
-
-    world_size: tyro.conf.Suppress[int] = 0
-    """number of processes"""
-    local_batch_size: tyro.conf.Suppress[int] = 0
-    """demonstrations per optimizer step on this process"""
-    grad_accum_steps: tyro.conf.Suppress[int] = 0
-    """micro-batches per optimizer step"""
+    ranges: ClassVar[dict] = dict(TrainArgs.ranges, num_train_rows=">= 1", max_response_length=">= 1", epochs=">= 1",
+                                  batch_size=">= 1")
 
 
+# ALGO LOGIC: the examples, and the negative log-likelihood of the demonstrations' tokens
 def build_sft_example(tokenizer, row):
     """Token ids of one demonstration: (prompt ids as `format_prompt` writes the prompt, response ids + EOS)."""
     prompt = tokenizer(format_prompt(tokenizer, row), add_special_tokens=False)["input_ids"]
@@ -189,58 +126,46 @@ def keep_fitting(tokenizer, rows, max_response_length: int, what: str):
 
 if __name__ == "__main__":
     args = parse_args(Args)
-    accelerator = make_accelerator(args.mixed_precision)
-    args.world_size = accelerator.num_processes
-    args.local_batch_size = exact_div(args.batch_size, args.world_size, "--batch_size over processes")
-    args.grad_accum_steps = exact_div(args.local_batch_size, args.micro_batch_size,
-                                      "batch size per process over --micro_batch_size")
-    seed_everything(args.seed + accelerator.process_index * 100003)
+    accelerator, run_dir = setup_supervised(args)
     device = accelerator.device
-    run_dir = start_run_dir(accelerator, args.output_dir, args.exp_name, args.seed)
-    metrics_path, samples_path = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "eval_samples.jsonl")
 
-    # data: every check on the input happens here, before any training time is spent
+    # 1. data: every check on the input happens here, before any training time is spent
     tokenizer = load_tokenizer(args.model_name, args.trust_remote_code)
     train_rows = load_task(args.task, "train", args.data_files, args.num_train_rows, args.seed)
     eval_rows = load_task(args.task, "test", args.eval_data_files, args.num_eval_prompts)
-    # refuses over-long prompts
-    encode_prompts(tokenizer, train_rows, args.max_prompt_length, f"task {args.task} train")
+    encode_prompts(tokenizer, train_rows, args.max_prompt_length, f"task {args.task} train")  # refuses long prompts
     train_rows, train_examples = keep_fitting(tokenizer, train_rows, args.max_response_length,
                                               f"task {args.task} train")
     eval_rows, eval_examples = keep_fitting(tokenizer, eval_rows, args.max_response_length, f"task {args.task} test")
     if len(train_examples) < args.batch_size:
         raise UserError(f"{len(train_examples)} training demonstrations, fewer than --batch_size {args.batch_size}")
-    verifier = VERIFIERS.get(args.task)
-    num_eval = len(eval_rows)
+    verifier, num_eval = VERIFIERS.get(args.task), len(eval_rows)
     my_eval = slice(accelerator.process_index, None, args.world_size)
     eval_rows, eval_examples = eval_rows[my_eval], eval_examples[my_eval]
     eval_ids, eval_mask = encode_prompts(tokenizer, eval_rows, args.max_prompt_length, f"task {args.task} test")
     eval_ids, eval_mask = eval_ids.to(device), eval_mask.to(device)
 
-    # model and optimiser: fp32 weights (mixed precision on GPU via accelerate)
+    # 2. model and optimiser: fp32 weights (mixed precision on GPU via accelerate)
     model = load_causal_lm(args.model_name, device, torch.float32, args.trust_remote_code)
     context = args.max_prompt_length + args.max_response_length
     if context > getattr(model.config, "max_position_embeddings", context):
         raise UserError(f"--max_prompt_length + --max_response_length = {context} exceeds the model's context "
-                         f"({model.config.max_position_embeddings} tokens); lower one of them")
+                        f"({model.config.max_position_embeddings} tokens); lower one of them")
     if args.lora_r:
         model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    steps_per_epoch = len(train_examples) // args.batch_size  # the last partial batch of each epoch is dropped
-    total_steps = args.epochs * steps_per_epoch
+    total_steps = args.epochs * (len(train_examples) // args.batch_size)
     optimizer = adamw(model, args.learning_rate, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(args.lr_schedule, total_steps))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    wandb_run = init_wandb(args.track and accelerator.is_main_process, args.wandb_project,
-                           f"{args.exp_name}__{args.seed}", asdict(args), run_dir)
+    wandb_run = start_tracking(args, accelerator, run_dir)
 
     def run_evaluation(ref_scores):
         """Held-out loss on every process's share of the demonstrations, and greedy accuracy on verifiable tasks."""
         net = accelerator.unwrap_model(model)
         net.eval()
-        sums = {"loss": 0.0}
-        tokens, samples, scores = 0, [], None
+        sums, tokens, samples, scores = {"loss": 0.0}, 0, [], None
         with torch.no_grad(), accelerator.autocast():
             for i in range(0, len(eval_examples), args.eval_batch_size):
                 input_ids, attention_mask, labels = collate_sft(eval_examples[i:i + args.eval_batch_size],
@@ -263,85 +188,54 @@ if __name__ == "__main__":
                    for i, k in enumerate(keys)}
         return metrics, scores, gather_object(samples)
 
-    def report(step, metrics, samples):
-        if accelerator.is_main_process:
-            log_metrics(metrics, step, metrics_path, wandb_run)
-            write_samples(samples, samples_path, step, wandb_run)
-            tqdm.write(f"[eval @ {step}] " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-                       + ("\n" + format_samples(samples) if samples else ""))
-
-    # evaluation before training: the model as loaded
+    # 3. evaluation before training: the model as loaded
     before, ref_scores, samples = run_evaluation(None)
-    report(0, before, samples)
+    report(accelerator, 0, before, run_dir, wandb_run, samples)
 
-    # training: the same shuffled order on every process (from the seed and epoch), each takes its share of every
-    # batch
+    # 4. training: each process takes its share of every batch
     model.train()
-    step = 0
     pbar = tqdm(total=total_steps, desc="sft", disable=not accelerator.is_main_process)
-    try:
-        for epoch in range(args.epochs):
-            order = np.random.default_rng([args.seed, epoch]).permutation(len(train_examples))
-            for batch_start in range(0, steps_per_epoch * args.batch_size, args.batch_size):
-                start_time = time.time()
-                mine = order[batch_start: batch_start + args.batch_size][accelerator.process_index:: args.world_size]
-                batch = [train_examples[i] for i in mine]
-                # the loss normaliser: the minibatch's response tokens, averaged over processes (DDP averages the
-                # gradients, so the whole batch's token mean results whatever the number of processes)
-                num_tokens = accelerator.reduce(torch.tensor(float(sum(len(r) for _, r in batch)), device=device),
-                                                "mean").item()
-                loss_sum, trained_tokens = 0.0, 0
-                for k in range(args.grad_accum_steps):
-                    micro = batch[k * args.micro_batch_size: (k + 1) * args.micro_batch_size]
-                    input_ids, attention_mask, labels = collate_sft(micro, tokenizer.pad_token_id)  # (b, L) each
-                    with (contextlib.nullcontext() if k == args.grad_accum_steps - 1 else accelerator.no_sync(model),
-                          accelerator.autocast()):
-                        nll, _ = response_nll(model, input_ids.to(device), attention_mask.to(device), labels.to(device))
-                        accelerator.backward(nll / num_tokens)
-                    loss_sum += nll.item()
-                    trained_tokens += int(attention_mask.sum())
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-                step += 1
+    with save_on_failure(accelerator, model, tokenizer, run_dir, "sft"):
+        for step, (epoch, mine) in enumerate(epoch_batches(args, accelerator, len(train_examples)), start=1):
+            start_time = time.time()
+            batch = [train_examples[i] for i in mine]
+            # ALGO LOGIC: the loss normaliser is the batch's response tokens, averaged over processes (DDP averages
+            # the gradients, so the whole batch's token mean results whatever the number of processes)
+            num_tokens = accelerator.reduce(torch.tensor(float(sum(len(r) for _, r in batch)), device=device),
+                                            "mean").item()
+            loss_sum, trained_tokens = 0.0, 0
+            for micro in micro_batches(accelerator, model, torch.arange(len(batch)), args.micro_batch_size):
+                input_ids, attention_mask, labels = collate_sft([batch[i] for i in micro.tolist()],
+                                                                tokenizer.pad_token_id)  # (b, L) each
+                nll, _ = response_nll(model, input_ids.to(device), attention_mask.to(device), labels.to(device))
+                accelerator.backward(nll / num_tokens)
+                loss_sum += nll.item()
+                trained_tokens += int(attention_mask.sum())
+            optimizer_step(accelerator, model, optimizer, scheduler, args.max_grad_norm)
 
-                seconds = time.time() - start_time
-                loss = accelerator.reduce(torch.tensor([loss_sum / num_tokens], dtype=torch.float64, device=device),
-                                          "mean").item()
-                metrics = {"loss/sft": loss, "lr": scheduler.get_last_lr()[0], "episode": step * args.batch_size,
-                           "epoch": epoch, "perf/seconds_per_iter": seconds,
-                           "perf/tokens_per_second": trained_tokens * args.world_size / seconds,
-                           "perf/peak_memory_gb": peak_memory_gb(device)}
-                if args.eval_every and step % args.eval_every == 0 and step != total_steps:
-                    eval_metrics, _, samples = run_evaluation(ref_scores)
-                    metrics.update(eval_metrics)
-                    report(step, metrics, samples)
-                elif accelerator.is_main_process:
-                    log_metrics(metrics, step, metrics_path, wandb_run)
-                pbar.update(1)
-                pbar.set_postfix(loss=f"{loss:.3f}", s_it=f"{seconds:.1f}")
-    except BaseException:
-        if accelerator.num_processes == 1:  # keep what was trained; several processes cannot agree on this safely
-            save_model(merge_lora(accelerator.unwrap_model(model)), tokenizer,
-                       os.path.join(run_dir, "model_interrupted"))
-            print(f"[sft] stopped early: the current model is saved in {run_dir}/model_interrupted")
-        raise
+            # 5. log, and evaluate every --eval_every steps
+            seconds = time.time() - start_time
+            metrics = {**reduce_mean(accelerator, {"loss/sft": loss_sum / num_tokens}),
+                       "lr": scheduler.get_last_lr()[0], "episode": step * args.batch_size, "epoch": epoch,
+                       "perf/seconds_per_iter": seconds,
+                       "perf/tokens_per_second": trained_tokens * args.world_size / seconds,
+                       "perf/peak_memory_gb": peak_memory_gb(device)}
+            if args.eval_every and step % args.eval_every == 0 and step != total_steps:
+                eval_metrics, _, samples = run_evaluation(ref_scores)
+                report(accelerator, step, {**metrics, **eval_metrics}, run_dir, wandb_run, samples)
+            elif accelerator.is_main_process:
+                log_metrics(metrics, step, os.path.join(run_dir, "metrics.jsonl"), wandb_run)
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{metrics['loss/sft']:.3f}", s_it=f"{seconds:.1f}")
     pbar.close()
 
-    # final evaluation and the saved model
+    # 6. final evaluation and the saved model
     after, _, samples = run_evaluation(ref_scores)
-    checksums = accelerator.gather(torch.tensor([param_checksum(accelerator.unwrap_model(model))], dtype=torch.float64,
-                                                device=device))
-    after["dist/param_checksum_spread"] = (checksums.max() - checksums.min()).item()
-    report(step, after, samples)
-    accelerator.wait_for_everyone()
+    finish(accelerator, merge_lora(accelerator.unwrap_model(model)), tokenizer, run_dir, after, wandb_run, total_steps,
+           samples)
     if accelerator.is_main_process:
-        save_model(merge_lora(accelerator.unwrap_model(model)), tokenizer, os.path.join(run_dir, "model"))
         summary = "  ".join(f"{k.split('/')[1]} {before[k]:.3f} -> {after[k]:.3f}"
                             for k in ("eval/loss", "eval/accuracy") if k in after)
         print(f"[sft] before -> after on {num_eval} held-out demonstrations: {summary}\n"
               f"[sft] metrics, samples and the model (from_pretrained; pass it as --model_name) are in {run_dir}")
-    if wandb_run is not None:
-        wandb_run.finish()
-    end_processes(accelerator)
+    end_run(wandb_run, accelerator)

@@ -10,14 +10,17 @@ Every non-blank line of an algorithm file is put in one of four kinds:
 - algorithm: the method's hyper-parameters and their checks, its loss/advantage functions and
   model classes, the models and optimizer it builds, and steps 1 to 6 of its loop (sampling,
   resets, generation, scoring, rewards and advantages, the update).
-Also printed: `diff a.py b.py` changed-line counts for the pairs a reader compares.
+Also printed: `diff a.py b.py` changed-line counts for the pairs a reader compares, and each entry point's import
+closure: the modules of common/ it pulls in, directly or through each other, and their lines (what to copy with it).
 """
+import ast
 import os
 import re
 import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FILES = ["ppo.py", "ppo_pp.py", "drpo.py", "grpo.py", "rebel.py", "apo.py"]
+FILES = ["ppo.py", "ppo_pp.py", "drpo.py", "grpo.py", "grpo_reset.py", "rebel.py", "apo.py"]
+ENTRY_POINTS = FILES + ["sft.py", "reward.py"]
 PAIRS = [("ppo.py", "ppo_pp.py"), ("ppo.py", "drpo.py"), ("grpo.py", "rebel.py"), ("rebel.py", "apo.py"),
          ("ppo.py", "grpo.py")]
 PLUMBING_CALLS = re.compile(r"tyro\.cli|parse_args\(|setup_run\(|start_training\(|finish_run\(|save_on_failure\(|"
@@ -73,6 +76,33 @@ def classify(path):
     return counts
 
 
+def common_imports(path):
+    """The common/ modules a file imports (`from common.x import ...`, `from common import x`, `import common.x`)."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "common":
+            if node.module == "common":
+                found.update(f"common.{alias.name}" for alias in node.names)
+            else:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("common."))
+    return found
+
+
+def import_closure(path):
+    """The common/ modules `path` pulls in, transitively: {module: its line count}."""
+    closure, todo = {}, sorted(common_imports(path))
+    while todo:
+        module = todo.pop()
+        if module in closure:
+            continue
+        module_path = os.path.join(ROOT, *module.split(".")) + ".py"
+        closure[module] = sum(1 for _ in open(module_path))
+        todo += sorted(common_imports(module_path) - set(closure))
+    return closure
+
+
 def changed_lines(a, b):
     out = subprocess.run(["diff", os.path.join(ROOT, a), os.path.join(ROOT, b)], capture_output=True, text=True).stdout
     return sum(1 for line in out.splitlines() if line[:1] in "<>")
@@ -86,6 +116,13 @@ if __name__ == "__main__":
         non_blank = c["docs"] + c["imports"] + c["plumbing"] + c["algorithm"]
         print(f"| {name} | {c['lines']} | {non_blank} | {c['docs']} | {c['imports']} | {c['plumbing']} | "
               f"{c['algorithm']} | {c['algorithm'] / non_blank:.0%} |")
+    print()
+    print("| entry point | lines | common/ modules it pulls in | their lines |")
+    print("|---|---|---|---|")
+    for name in ENTRY_POINTS:
+        closure = import_closure(os.path.join(ROOT, name))
+        print(f"| {name} | {sum(1 for _ in open(os.path.join(ROOT, name)))} | "
+              f"{', '.join(sorted(m.split('.')[1] for m in closure))} | {sum(closure.values())} |")
     print()
     for a, b in PAIRS:
         print(f"diff {a} {b}: {changed_lines(a, b)} changed lines")

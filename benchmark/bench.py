@@ -47,7 +47,7 @@ sys.path.insert(0, ROOT)
 from common import generation  # noqa: E402
 from common.generation import batched_logprobs, forward_logprobs, generate, truncate_after_eos  # noqa: E402
 from common.models import load_causal_lm, load_tokenizer  # noqa: E402
-from common.run import peak_memory_gb  # noqa: E402
+from common.processes import peak_memory_gb  # noqa: E402
 from common.tasks import encode_prompts, load_task  # noqa: E402
 from memory_model import SHAPES  # noqa: E402
 
@@ -203,7 +203,6 @@ if __name__ == "__main__":
     if bench.bound and "grpo" in bench.scripts:
         # the bound: the same batch as grpo.py's, only the unavoidable work
         cfg = grpo_defaults(flags)
-        generation.SAMPLER["mode"] = cfg.sampler
         G, T = cfg.grpo.num_generations, cfg.response_length
         bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda"
                                                  and torch.cuda.is_bf16_supported())
@@ -217,7 +216,7 @@ if __name__ == "__main__":
             start = time.time()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):  # as grpo.py computes
                 responses = generate(policy, ids, mask, T, cfg.temperature, tokenizer.pad_token_id,
-                                     tokenizer.eos_token_id)
+                                     tokenizer.eos_token_id, sampler=cfg.sampler)
                 gen_seconds = time.time() - start
                 responses, rmask, lengths, _ = truncate_after_eos(responses, tokenizer.eos_token_id,
                                                                   tokenizer.pad_token_id)
@@ -247,7 +246,7 @@ if __name__ == "__main__":
         tokens_trained = ids.shape[0] * (ids.shape[1] + T)
         shape = (f"{n_params / 1e9:.3f}B parameters ({policy.config.num_hidden_layers} layers, hidden "
                  f"{policy.config.hidden_size}), {'bf16 autocast' if bf16 else 'fp32'}, sampler "
-                 f"{'static' if generation.uses_static_sampler(policy, device) else 'plain'}")
+                 f"{'static' if generation.uses_static_sampler(policy, device, cfg.sampler) else 'plain'}")
         if bandwidth and peak:
             floor, how = floor_seconds(n_params, T, tokens_trained, bf16, bandwidth, peak)
             lines.append(f"grpo.py iteration / floor = {results['grpo']['perf/seconds_per_iter'] / floor:.1f} "

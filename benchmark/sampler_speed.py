@@ -65,11 +65,10 @@ def main(args: Args) -> None:
     torch.manual_seed(args.seed)
     for _ in range(2):
         for mode in ("plain", "static"):
-            generation.SAMPLER["mode"] = mode
             for shape, (q, qm, temperature) in shapes.items():
-                def call(q=q, qm=qm, temperature=temperature):
+                def call(q=q, qm=qm, temperature=temperature, mode=mode):
                     generation.generate(model, q, qm, args.response_length, temperature, tokenizer.pad_token_id,
-                                        tokenizer.eos_token_id)
+                                        tokenizer.eos_token_id, sampler=mode)
                 if not times[(shape, mode)]:  # the first call: compiles on a GPU
                     print(f"[sampler_speed] {mode:6s} {shape}: first call {timed(call, device):.2f} s", flush=True)
                 times[(shape, mode)] += [timed(call, device) for _ in range(args.repeats)]

@@ -5,7 +5,7 @@ command run twice keeps both runs; {output_dir}/{exp_name}__{seed} is a link to 
 (so `--model_name runs/sft__1/model` names the last SFT run's model). A checkpoint is written to
 `iter_N.tmp` and renamed to `iter_N` only when complete, so a process killed while writing one (or
 a full disk) never leaves a checkpoint that cannot be loaded: `--resume_from latest` takes the
-newest complete one.
+newest complete one. The trained model itself is saved with `save_policy` (from_pretrained loads it).
 """
 import glob
 import json
@@ -14,6 +14,7 @@ import shutil
 import time
 
 from common.errors import UserError
+from common.models import save_model
 
 ITERATION_FILE = "iteration.json"  # written last into a checkpoint: its presence marks the checkpoint complete
 
@@ -41,6 +42,43 @@ def start_run_dir(accelerator, output_dir: str, exp_name: str, seed: int) -> str
         link_latest(run_dir)
     accelerator.print(f"[{exp_name}] run folder: {run_dir}")
     return run_dir
+
+
+def open_run_dir(args, accelerator) -> str:
+    """The run's folder: new, or the resumed checkpoint's own with its logs cut back to the checkpoint.
+
+    `--resume_from latest` is resolved to the newest complete checkpoint of this --exp_name and --seed
+    in --output_dir (a new run starts when there is none), and `args.resume_from` set to it.
+    """
+    if args.resume_from == "latest":
+        args.resume_from = latest_checkpoint(args.output_dir, args.exp_name, args.seed)
+        accelerator.print(f"[{args.exp_name}] --resume_from latest: "
+                          f"{args.resume_from or 'no checkpoint of this run yet, starting a new run'}")
+    if args.resume_from is None:
+        return start_run_dir(accelerator, args.output_dir, args.exp_name, args.seed)
+    iteration = checkpoint_iteration(args.resume_from)
+    if iteration is None:
+        raise UserError(f"--resume_from {args.resume_from}: not a complete checkpoint; pass a checkpoints/iter_N "
+                        "folder written by --save_every, or `latest`")
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(args.resume_from)))
+    if accelerator.is_main_process:  # lines of iterations after the checkpoint are written again
+        for name in ("metrics.jsonl", "eval_samples.jsonl"):
+            keep_lines_up_to(os.path.join(run_dir, name), iteration)
+        link_latest(run_dir)
+    accelerator.wait_for_everyone()
+    accelerator.print(f"[{args.exp_name}] resuming {run_dir} after iteration {iteration}")
+    return run_dir
+
+
+def keep_lines_up_to(path: str, step: int) -> None:
+    """Drop the lines of a JSONL log whose "step" is past `step` (atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(f"{path}.tmp", path)
 
 
 def link_latest(run_dir: str) -> None:
@@ -102,3 +140,20 @@ def load_checkpoint(accelerator, ckpt_dir: str) -> int:
                         "checkpoints/iter_N folder written by --save_every, or `latest`")
     accelerator.load_state(ckpt_dir)
     return iteration
+
+
+def save_policy(accelerator, policy, tokenizer, out_dir: str) -> None:
+    """Write the policy (from_pretrained loads it) from the main process. Under FSDP its shards are gathered into
+    full weights first, which every process takes part in: all of them call this."""
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    state_dict = accelerator.get_state_dict(policy) if sharded else None
+    if state_dict:  # tied weights (embeddings and LM head) come back as two copies: keep the first
+        seen = set()
+        for name, p in accelerator.unwrap_model(policy).named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                state_dict.pop(name, None)
+            seen.add(id(p))
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(policy), tokenizer, out_dir, state_dict)

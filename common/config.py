@@ -8,12 +8,13 @@ from typing import ClassVar, Literal, Optional
 import tyro
 
 from common.errors import UserError, exit_cleanly_on_user_errors
-from common.models import EMBEDDED_MODEL
+from common.model_sources import EMBEDDED_MODEL
 
 
 @dataclass
-class BaseArgs:
-    """Shared flags; each algorithm file subclasses this, sets its own defaults and adds its method's block."""
+class TrainArgs:
+    """The flags every entry point shares (the six algorithm files, sft.py, reward.py): the run, the model, the task's
+    data, the optimiser. Each file's `Args` subclasses this (through BaseArgs for the algorithm files)."""
 
     # experiment
     exp_name: str = os.path.basename(sys.argv[0]).removesuffix(".py")
@@ -27,25 +28,17 @@ class BaseArgs:
     """log to Weights & Biases too"""
     wandb_project: str = "resetrl"
     """wandb project name"""
-    save_every: int = 0
-    """write a resumable checkpoint every N iterations (0: never)"""
-    resume_from: Optional[str] = None
-    """checkpoint folder (written by --save_every) to continue from, in its run's folder; `latest`: the newest
-    checkpoint of this --exp_name and --seed in --output_dir (or a new run when there is none)"""
 
     # models
     model_name: str = EMBEDDED_MODEL
-    """policy and reference: hub id or local folder (the default falls back to the packaged copy offline), or
+    """the model to train: hub id or local folder (the default falls back to the packaged copy offline), or
     `pocket`: a 1.2M-parameter Llama over the embedded tasks' words, built and cached once (seconds per run on a CPU)"""
-    reward_model: Optional[str] = None
-    """sequence-classification reward model (hub id or folder); default: the task's verifier"""
     trust_remote_code: bool = False
     """allow models whose code lives in their repository"""
     lora_r: int = 0
-    """LoRA rank (0: train every weight). With LoRA only the adapters train, the reference policy is the policy
-    with its adapters disabled (no second copy), and model/ holds the adapters (peft; --model_name takes that
-    folder: its base with the adapters merged). Adapters want a larger --learning_rate than full training: on
-    arith, 1e-3 for grpo.py and 2e-4 for drpo.py learned (benchmark/README.md)"""
+    """LoRA rank (0: train every weight). With LoRA only the adapters train (in the RL files the reference policy
+    is the policy with its adapters disabled: no second copy). Adapters want a larger --learning_rate than full
+    training (benchmark/README.md)"""
     lora_alpha: float = 32.0
     """LoRA scale: the adapters' update is multiplied by lora_alpha / lora_r"""
     lora_target_modules: str = "all-linear"
@@ -55,47 +48,24 @@ class BaseArgs:
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
     """compute precision: auto = bf16 autocast on a GPU that supports it (weights and optimizer stay fp32, frozen
     models load in bf16), or what `accelerate launch`'s config says; no = fp32 everywhere (auto's choice on CPU;
-    bf16 also works there: 1.5x faster on a CPU with AVX512-BF16, measured in benchmark/README.md)"""
-    sampler: Literal["auto", "plain", "static"] = "auto"
-    """how responses are sampled: static = transformers' generate with a static KV cache, compiled into CUDA
-    graphs on a GPU (prompts padded to a few lengths); plain = the loop in common/generation.py (finished rows
-    leave the batch, a group's prompt runs once); auto = static on a GPU, plain on CPU"""
+    bf16 also works there, benchmark/README.md)"""
 
     # task
     task: Literal["arith", "chain2", "chain3", "chain4", "chain5", "lock3", "lock4", "lock6", "lock8", "lock12",
                   "lock16", "gsm8k", "tldr", "hh"] = "arith"
     """arith (embedded: one operation), chainN (embedded: N chained operations, worked step by step), lockH
     (embedded: H dependent digits, all or nothing; with --model_name pocket, seconds per run), gsm8k
-    (verifiable), tldr or hh (these two need --reward_model)"""
+    (verifiable), tldr or hh (RL on these two needs --reward_model)"""
     data_files: Optional[str] = None
     """local .json/.jsonl/.parquet training file(s), comma-separated, with the task's hub columns"""
     eval_data_files: Optional[str] = None
     """local held-out file(s), same columns"""
-    num_train_prompts: Optional[int] = None
-    """use the first N training prompts (None: all)"""
     num_eval_prompts: int = 100
     """held-out prompts evaluated"""
     max_prompt_length: int = 256
     """longest prompt in tokens; longer prompts are refused before training"""
-    response_length: int = 24
-    """tokens sampled per response (cut after the first EOS)"""
-    temperature: float = 0.7
-    """sampling temperature for training rollouts (log-probs use the same)"""
-    eval_temperature: float = 0.0
-    """sampling temperature for evaluation (0: greedy)"""
 
-    # batches and optimiser
-    num_iterations: int = 8
-    """training iterations (one batch of prompts each)"""
-    max_train_seconds: float = 0.0
-    """stop after the iteration that passes this many seconds of training (evaluation not counted), then
-    evaluate and save as usual (0: no limit). A linear lr schedule still assumes --num_iterations"""
-    prompts_per_iteration: int = 8
-    """prompts per iteration, over all processes"""
-    num_epochs: int = 1
-    """passes of optimisation over each iteration's samples (GRPO's mu, PPO's epochs)"""
-    num_minibatches: int = 1
-    """optimizer steps per pass over the samples (each minibatch holds whole groups where the method has them)"""
+    # optimiser
     micro_batch_size: int = 16
     """sequences per forward/backward on one process (gradient accumulation fills the minibatch)"""
     learning_rate: float = 2e-5
@@ -107,32 +77,77 @@ class BaseArgs:
     max_grad_norm: float = 1.0
     """gradient clipping norm"""
     eval_every: int = 0
-    """evaluate every N iterations (0: only before and after training)"""
+    """evaluate every N iterations or optimizer steps (0: only before and after training)"""
     eval_batch_size: int = 64
     """prompts per evaluation batch"""
-    eval_samples: int = 1
-    """responses per held-out prompt sampled at --temperature at each evaluation: they give eval/kl (the KL to the
-    reference), eval/sample_reward and eval/pass@k for k = 1, 2, 4, ... up to this (0: none of these)"""
 
-    # the ranges parse_args checks (a method's flag group declares its own the same way)
+    # the ranges parse_args checks (a subclass or a method's flag group declares its own the same way)
     ranges: ClassVar[dict] = dict(
-        num_train_prompts=">= 1", num_eval_prompts=">= 1", max_prompt_length=">= 1", response_length=">= 1",
-        temperature=">= 0", eval_temperature=">= 0", num_iterations=">= 0", max_train_seconds=">= 0",
-        prompts_per_iteration=">= 1", num_epochs=">= 1", num_minibatches=">= 1", micro_batch_size=">= 1",
-        learning_rate="> 0", weight_decay=">= 0", max_grad_norm="> 0", eval_every=">= 0", eval_batch_size=">= 1",
-        eval_samples=">= 0", save_every=">= 0", lora_r=">= 0", lora_alpha="> 0")
+        num_eval_prompts=">= 1", max_prompt_length=">= 1", micro_batch_size=">= 1", learning_rate="> 0",
+        weight_decay=">= 0", max_grad_norm="> 0", eval_every=">= 0", eval_batch_size=">= 1", lora_r=">= 0",
+        lora_alpha="> 0")
 
     # derived right after parsing (not flags)
     world_size: tyro.conf.Suppress[int] = 0
     """number of processes"""
-    local_prompts: tyro.conf.Suppress[int] = 0
-    """prompts per iteration on this process"""
     local_batch_size: tyro.conf.Suppress[int] = 0
-    """sequences per iteration on this process"""
-    mini_batch_size: tyro.conf.Suppress[int] = 0
-    """sequences per optimizer step on this process"""
+    """sequences (or pairs) per iteration or optimizer step on this process"""
     grad_accum_steps: tyro.conf.Suppress[int] = 0
     """micro-batches per optimizer step"""
+
+
+@dataclass
+class BaseArgs(TrainArgs):
+    """The algorithm files' shared flags; each subclasses this, sets its own defaults and adds its method's block."""
+
+    save_every: int = 0
+    """write a resumable checkpoint every N iterations (0: never)"""
+    resume_from: Optional[str] = None
+    """checkpoint folder (written by --save_every) to continue from, in its run's folder; `latest`: the newest
+    checkpoint of this --exp_name and --seed in --output_dir (or a new run when there is none)"""
+    reward_model: Optional[str] = None
+    """sequence-classification reward model (hub id or folder); default: the task's verifier"""
+    sampler: Literal["auto", "plain", "static"] = "auto"
+    """how responses are sampled: static = transformers' generate with a static KV cache, compiled into CUDA
+    graphs on a GPU (prompts padded to a few lengths); plain = the loop in common/generation.py (finished rows
+    leave the batch, a group's prompt runs once); auto = static on a GPU, plain on CPU"""
+
+    # task and sampling
+    num_train_prompts: Optional[int] = None
+    """use the first N training prompts (None: all)"""
+    response_length: int = 24
+    """tokens sampled per response (cut after the first EOS)"""
+    temperature: float = 0.7
+    """sampling temperature for training rollouts (log-probs use the same)"""
+    eval_temperature: float = 0.0
+    """sampling temperature for evaluation (0: greedy)"""
+    eval_samples: int = 1
+    """responses per held-out prompt sampled at --temperature at each evaluation: they give eval/kl (the KL to the
+    reference), eval/sample_reward and eval/pass@k for k = 1, 2, 4, ... up to this (0: none of these)"""
+
+    # iterations and batches
+    num_iterations: int = 8
+    """training iterations (one batch of prompts each)"""
+    max_train_seconds: float = 0.0
+    """stop after the iteration that passes this many seconds of training (evaluation not counted), then
+    evaluate and save as usual (0: no limit). A linear lr schedule still assumes --num_iterations"""
+    prompts_per_iteration: int = 8
+    """prompts per iteration, over all processes"""
+    num_epochs: int = 1
+    """passes of optimisation over each iteration's samples (GRPO's mu, PPO's epochs)"""
+    num_minibatches: int = 1
+    """optimizer steps per pass over the samples (each minibatch holds whole groups where the method has them)"""
+
+    ranges: ClassVar[dict] = dict(
+        TrainArgs.ranges, num_train_prompts=">= 1", response_length=">= 1", temperature=">= 0",
+        eval_temperature=">= 0", num_iterations=">= 0", max_train_seconds=">= 0", prompts_per_iteration=">= 1",
+        num_epochs=">= 1", num_minibatches=">= 1", eval_samples=">= 0", save_every=">= 0")
+
+    # derived right after parsing (not flags)
+    local_prompts: tyro.conf.Suppress[int] = 0
+    """prompts per iteration on this process"""
+    mini_batch_size: tyro.conf.Suppress[int] = 0
+    """sequences per optimizer step on this process"""
 
 
 def parse_args(args_class):

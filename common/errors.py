@@ -7,6 +7,10 @@ class UserError(ValueError):
     """A flag, file, model, row or reward the run cannot use; the message says which and what to do."""
 
 
+class DataError(UserError):
+    """A data file or row the task cannot use; the message names the file, the row and the fix."""
+
+
 class NonFiniteError(UserError):
     """A loss, gradient or logged quantity became NaN or infinite; the message names it."""
 

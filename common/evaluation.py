@@ -1,25 +1,29 @@
 """Evaluation on the held-out split: decoded responses (reward, accuracy, win rate, length, EOS rate), and sampled
-ones (pass@k, the KL to the reference); the scores of several samples per prompt."""
+ones (pass@k, the KL to the reference); the scores of several samples per prompt. `evaluate_policy` is what a run
+calls: every process evaluates its share of the prompts, the metrics are reduced and the samples gathered."""
 import math
 
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from common.generation import generate, sequence_kl, truncate_after_eos
+from common.models import load_frozen_policy
 from common.rewards import score_with_verifier
+from common.tracking import report
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, rows, query_ids, query_mask, *, score_fn, response_length: int, temperature: float,
-             batch_size: int, seed: int, ref_scores=None, verifier=None):
+             batch_size: int, seed: int, ref_scores=None, verifier=None, sampler: str = "auto"):
     """Decode held-out `rows` (this process's share; temperature 0: greedy) and measure the responses.
 
     `ref_scores` (B,) are the reference policy's scores on the same prompts (from the evaluation
     before training), for the win rate. `verifier` (the task's, when it has one) gives the accuracy:
     the gold score, apart from the reward `score_fn` gives, so a run on a learned reward model shows
     whether the gold score follows the learned one. Sampling uses its own seed, so evaluation leaves
-    the training RNG untouched. Returns sums over prompts (to be reduced over processes), the number
-    of prompts, the scores (B,) and the samples.
+    the training RNG untouched (`sampler`: --sampler's mode). Returns sums over prompts (to be reduced over
+    processes), the number of prompts, the scores (B,) and the samples.
     """
     sums = {"reward": 0.0, "accuracy": 0.0, "win_rate": 0.0, "response_length": 0.0, "eos_rate": 0.0}
     all_scores, samples = [], []
@@ -28,7 +32,7 @@ def evaluate(model, tokenizer, rows, query_ids, query_mask, *, score_fn, respons
         for i in range(0, len(rows), batch_size):
             q, qm, batch = query_ids[i:i + batch_size], query_mask[i:i + batch_size], rows[i:i + batch_size]
             responses = generate(model, q, qm, response_length, temperature, tokenizer.pad_token_id,
-                                 tokenizer.eos_token_id)
+                                 tokenizer.eos_token_id, sampler=sampler)
             responses, mask, lengths, has_eos = truncate_after_eos(responses, tokenizer.eos_token_id,
                                                                    tokenizer.pad_token_id)
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -57,7 +61,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 @torch.no_grad()
 def evaluate_samples(model, ref_model, tokenizer, rows, query_ids, query_mask, *, score_fn, verifier,
-                     num_samples: int, response_length: int, temperature: float, batch_size: int, seed: int):
+                     num_samples: int, response_length: int, temperature: float, batch_size: int, seed: int,
+                     sampler: str = "auto"):
     """`num_samples` responses per held-out prompt sampled at the training `temperature` (this process's share).
 
     Measures, per prompt: the mean reward of the samples; with a verifier, pass@k for k = 1, 2, 4, ...
@@ -77,7 +82,7 @@ def evaluate_samples(model, ref_model, tokenizer, rows, query_ids, query_mask, *
             q = query_ids[i:i + prompts_per_batch].repeat_interleave(num_samples, dim=0)
             qm = query_mask[i:i + prompts_per_batch].repeat_interleave(num_samples, dim=0)
             responses = generate(model, q, qm, response_length, temperature, tokenizer.pad_token_id,
-                                 tokenizer.eos_token_id)
+                                 tokenizer.eos_token_id, sampler=sampler)
             responses, mask, _, _ = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
             texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
             sums["sample_reward"] += score_fn(batch, texts).sum().item() / num_samples
@@ -94,7 +99,7 @@ def evaluate_samples(model, ref_model, tokenizer, rows, query_ids, query_mask, *
 
 @torch.no_grad()
 def sample_scores(model, tokenizer, rows, query_ids, query_mask, *, score_fn, num_samples: int, response_length: int,
-                  temperature: float, batch_size: int, progress: str = ""):
+                  temperature: float, batch_size: int, progress: str = "", sampler: str = "auto"):
     """Scores of `num_samples` sampled responses per prompt: (P, L) prompts -> (P, num_samples), on CPU.
 
     About `batch_size` sequences are generated at a time; `progress` names a progress bar (none when empty).
@@ -106,9 +111,45 @@ def sample_scores(model, tokenizer, rows, query_ids, query_mask, *, score_fn, nu
         keep = qm.any(dim=0)  # drop columns that are padding in every row
         q, qm = q[:, keep].repeat_interleave(num_samples, dim=0), qm[:, keep].repeat_interleave(num_samples, dim=0)
         responses = generate(model, q, qm, response_length, temperature, tokenizer.pad_token_id,
-                             tokenizer.eos_token_id)
+                             tokenizer.eos_token_id, sampler=sampler)
         responses = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)[0]
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         batch_rows = [row for row in rows[i:i + prompts_per_batch] for _ in range(num_samples)]
         out.append(score_fn(batch_rows, texts).view(-1, num_samples).cpu())
     return torch.cat(out) if out else torch.zeros(0, num_samples)
+
+
+def evaluate_policy(run, model, ref_model=None, with_kl: bool = True):
+    """Evaluate `model` on every process's share of the held-out prompts; reduce the metrics, gather the samples.
+
+    The decoded responses (--eval_temperature) give reward, accuracy, win rate, length and EOS rate;
+    --eval_samples responses per prompt sampled at --temperature give pass@k, their mean reward and the
+    KL to the reference (`ref_model`, or a frozen copy loaded for it when None). Returns (metrics,
+    this process's scores (M,), all samples).
+    """
+    args, accelerator = run.args, run.accelerator
+    if with_kl and args.eval_samples and ref_model is None:
+        ref_model = load_frozen_policy(args, accelerator, run.lora_policy)
+    model = accelerator.unwrap_model(model)
+    with accelerator.autocast():
+        sums, count, scores, samples = evaluate(
+            model, run.tokenizer, run.eval_rows, run.eval_ids, run.eval_mask, score_fn=run.score,
+            response_length=args.response_length, temperature=args.eval_temperature, batch_size=args.eval_batch_size,
+            seed=args.seed, ref_scores=run.ref_scores, verifier=run.verifier, sampler=args.sampler)
+        if args.eval_samples:
+            sums.update(evaluate_samples(
+                model, ref_model if with_kl else None, run.tokenizer, run.eval_rows, run.eval_ids, run.eval_mask,
+                score_fn=run.score, verifier=run.verifier, num_samples=args.eval_samples,
+                response_length=args.response_length, temperature=args.temperature,
+                batch_size=args.eval_batch_size, seed=args.seed, sampler=args.sampler)[0])
+    keys = sorted(sums)
+    totals = accelerator.reduce(torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64, device=run.device),
+                                "sum")
+    metrics = {f"eval/{k}": (totals[i] / totals[-1]).item() for i, k in enumerate(keys)}
+    return metrics, scores, gather_object(samples)
+
+
+def report_evaluation(run, step: int, metrics: dict, samples) -> None:
+    """Write an evaluation's metrics and samples (main process only)."""
+    if run.accelerator.is_main_process:
+        report(metrics, samples, step, run.metrics_path, run.samples_path, run.wandb_run)

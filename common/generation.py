@@ -6,8 +6,8 @@ softmax(logits / temperature), in one of two ways (--sampler):
   rows leaving the batch;
 - static (GPU): transformers' `generate` with a static KV cache, which it compiles into CUDA graphs on
   a GPU, and prompts left-padded to a multiple of PROMPT_BUCKET tokens so that a new prompt length does
-  not compile again. Its step is launch-bound, not arithmetic-bound, on a GPU (issue 15's figures).
-  On CPU it is slower (2.65x per rollout, benchmark/sampler_speed.py), so --sampler auto uses it on GPUs only.
+  not compile again. Its step is launch-bound, not arithmetic-bound, on a GPU.
+  On CPU it is slower (benchmark/sampler_speed.py measures both), so --sampler auto uses it on GPUs only.
 The log-prob passes share a group's prompt the same way as the plain loop.
 """
 import torch
@@ -16,7 +16,6 @@ from accelerate.utils import extract_model_from_parallel
 from transformers import DynamicCache, GenerationConfig
 
 PROMPT_BUCKET = 64  # the static sampler pads prompts to a multiple of this many tokens
-SAMPLER = {"mode": "auto"}  # --sampler, set once per run by common.run.setup_run: auto, plain or static
 
 
 def is_sharded(model) -> bool:
@@ -36,9 +35,8 @@ def lockstep_max(value: int, device: torch.device) -> int:
     return int(value)
 
 
-def uses_static_sampler(model, device: torch.device) -> bool:
+def uses_static_sampler(model, device: torch.device, mode: str) -> bool:
     """--sampler static, or auto on a GPU; never for a model whose weights are sharded (FSDP)."""
-    mode = SAMPLER["mode"]
     if mode == "plain" or (mode == "auto" and device.type != "cuda"):
         return False
     return not is_sharded(model)
@@ -69,7 +67,7 @@ def prefill(model, query_ids, query_mask):
 
 @torch.no_grad()
 def generate(model, query_ids, query_mask, response_length: int, temperature: float, pad_token_id: int,
-             eos_token_id: int, return_logprobs: bool = False):
+             eos_token_id: int, return_logprobs: bool = False, sampler: str = "auto"):
     """Sample up to `response_length` tokens per row: (B, P) left-padded queries -> (B, response_length) responses.
 
     temperature 0 means greedy. Pure sampling otherwise (no top-k/top-p): each token is drawn from
@@ -80,9 +78,10 @@ def generate(model, query_ids, query_mask, response_length: int, temperature: fl
     `return_logprobs` also returns the sampled tokens' log-probs under that distribution (B, T), 0 after EOS.
     Sharded weights (FSDP) make it lock-step: no row leaves the batch, and every process takes as many
     steps as the longest-running one (rows that ended keep stepping and are cut after their EOS).
+    `sampler`: --sampler (auto, plain or static; see the top of this file).
     """
     model = extract_model_from_parallel(model)
-    if uses_static_sampler(model, query_ids.device):
+    if uses_static_sampler(model, query_ids.device, sampler):
         return generate_static(model, query_ids, query_mask, response_length, temperature, pad_token_id, eos_token_id,
                                return_logprobs)
     training = model.training

@@ -13,6 +13,9 @@ one step wrong and carried through (rejected).
 """
 import random
 
+from common.arith import _is_test_prompt
+from common.errors import DataError
+
 LOCK_HORIZONS = (3, 4, 6, 8, 12, 16)
 LOCK_TASKS = tuple(f"lock{h}" for h in LOCK_HORIZONS)
 LOCK_WORDS = ("open", ":", *"0123456789")  # every word a lock prompt or answer uses
@@ -40,7 +43,6 @@ def _one_step_wrong(digits, rng: random.Random) -> list:
 def lock_rows(task: str, split: str, num_rows: int | None, seed: int = 0) -> list:
     """`num_rows` distinct rows of `task` ("lock8": H = 8) from `split`, shuffled by `seed` (default: 4000 training
     rows, or all there are, and 300 held-out ones)."""
-    from common.tasks import DataError, _is_test_prompt
 
     horizon = int(task.removeprefix("lock"))
     want = num_rows or (4000 if split == "train" else 300)
@@ -71,8 +73,6 @@ def lock_rows(task: str, split: str, num_rows: int | None, seed: int = 0) -> lis
 def lock_row_from_record(record: dict, rid: str) -> dict:
     """A lock row from a file's record ("prompt": "open 3 1 4 :", "response": the demonstration, any text); its
     answer comes from the prompt, so a file can hold a reference's imperfect demonstrations (any horizon)."""
-    from common.tasks import DataError
-
     words = record["prompt"].split()
     if len(words) < 3 or words[0] != "open" or words[-1] != ":" or not all(w in "0123456789" for w in words[1:-1]):
         raise DataError(f"{rid}: a lock prompt is 'open' then digits separated by spaces then ':' "

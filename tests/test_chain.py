@@ -7,7 +7,8 @@ import torch
 
 from common.resets import build_reset_states, sample_rollin_lengths, tokenize_demonstrations
 from common.rewards import verify_chain
-from common.tasks import CHAIN_TASKS, chain_questions, load_preference_task, load_task
+from common.arith import chain_questions
+from common.tasks import CHAIN_TASKS, load_preference_task, load_task
 from conftest import read_jsonl, run_together
 
 ROW = {"answer": "47"}

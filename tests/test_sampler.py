@@ -34,9 +34,8 @@ def prompts(tokenizer):
 
 
 @pytest.fixture(params=["plain", "static"])
-def sampler(request, monkeypatch):
+def sampler(request):
     """The test runs once with each sampler (--sampler), whatever the device."""
-    monkeypatch.setitem(generation.SAMPLER, "mode", request.param)
     return request.param
 
 
@@ -49,7 +48,7 @@ def test_greedy_equals_transformers_generate(smollm, tokenizer, prompts, sampler
     with torch.no_grad():
         expected = smollm.generate(input_ids=ids, attention_mask=mask, generation_config=config)[:, ids.shape[1]:]
     expected = F.pad(expected, (0, 24 - expected.shape[1]), value=tokenizer.pad_token_id)
-    ours = generate(smollm, ids, mask, 24, 0.0, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    ours = generate(smollm, ids, mask, 24, 0.0, tokenizer.pad_token_id, tokenizer.eos_token_id, sampler=sampler)
     expected, _, lengths, _ = truncate_after_eos(expected, tokenizer.eos_token_id, tokenizer.pad_token_id)
     ours = truncate_after_eos(ours, tokenizer.eos_token_id, tokenizer.pad_token_id)[0]
     assert lengths.min() < lengths.max()  # rows finish at different steps: finished rows left the batch
@@ -61,7 +60,7 @@ def test_sampled_logprobs_equal_the_scoring_pass(smollm, tokenizer, prompts, tem
     ids, mask = prompts
     torch.manual_seed(0)
     responses, sampled_lp = generate(smollm, ids, mask, 24, temperature, tokenizer.pad_token_id,
-                                     tokenizer.eos_token_id, return_logprobs=True)
+                                     tokenizer.eos_token_id, return_logprobs=True, sampler=sampler)
     responses, real, _, _ = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
     query_responses = torch.cat([ids, responses], dim=1)
     attention_mask = torch.cat([mask, real.long()], dim=1)
@@ -93,8 +92,7 @@ def test_prompt_buckets_change_no_output(tiny, tokenizer, prompts, monkeypatch):
     assert torch.equal(outputs[0], outputs[2]) and torch.equal(outputs[1], outputs[3])
     padded_ids = F.pad(ids, (7, 0), value=tokenizer.pad_token_id)
     padded_mask = F.pad(mask, (7, 0), value=0)
-    monkeypatch.setitem(generation.SAMPLER, "mode", "plain")
-    plain = [generate(tiny, i, m, 16, 0.0, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    plain = [generate(tiny, i, m, 16, 0.0, tokenizer.pad_token_id, tokenizer.eos_token_id, sampler="plain")
              for i, m in ((ids, mask), (padded_ids, padded_mask))]
     assert torch.equal(plain[0], plain[1])
 
