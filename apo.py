@@ -1,6 +1,6 @@
 """A*-PO: Accelerating RL for LLM Reasoning with Optimal Advantage Regression (Brantley et al. 2025, arXiv:2505.20686).
 
-    python apo.py                                     # embedded SmolLM2-135M + arithmetic, 2 CPU cores, ~11 min
+    python apo.py                                     # embedded SmolLM2-135M + arithmetic, CPU or GPU
     accelerate launch --config_file configs/ddp.yaml apo.py --model_name Qwen/Qwen2.5-1.5B-Instruct --task gsm8k
 
 Stage 1, offline and once (cached): the reference policy samples N responses per training prompt, and
@@ -99,8 +99,7 @@ if __name__ == "__main__":
             batch, rows, queries, query_mask = sample_prompts(run, iteration)
 
             # 2. generate, and 3. truncate at EOS
-            responses, mask, lengths, has_eos, gen_seconds = rollout(run, policy, queries, query_mask,
-                                                                     args.temperature)  # (B, T)
+            responses, mask, lengths, has_eos, gen_seconds = rollout(run, policy, queries, query_mask, args.temperature)
 
             # 4. score
             scores = run.score(rows, tokenizer.batch_decode(responses, skip_special_tokens=True)).to(device)  # (B,)

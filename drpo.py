@@ -1,7 +1,7 @@
 """DR-PO: PPO with resets to the dataset's responses (Chang et al. 2024, "Dataset Reset Policy Optimization for
 RLHF", arXiv:2404.08495).
 
-    python drpo.py                                    # embedded SmolLM2-135M + arithmetic, 2 CPU cores, ~8 min
+    python drpo.py                                    # embedded SmolLM2-135M + arithmetic, CPU or GPU
     accelerate launch --config_file configs/ddp.yaml drpo.py --model_name Qwen/Qwen2.5-1.5B-Instruct --task gsm8k
 
 With probability beta (`--ppo.reset_prob`, 0.5 here) a sample starts from a reset: the first
@@ -24,9 +24,9 @@ Where this file departs from the summarize_from_feedback_details code (and the a
 5. The dataset response is tokenised with an EOS appended (as in the authors' TL;DR data) and cut to
    --response_length tokens, so a reset can force all of a short response but its EOS.
 6. beta = 0.5, not the authors' 1 (their code resets every sample, h never 0). Evaluation starts from the
-   prompt, and with beta = 1 no training sample does: the policy learns to finish the dataset's prefixes.
-   On arith (benchmark/README.md, seeds 1-3 from 26%): beta = 0.5 reached 81 / 62 / 71%, beta = 1 11 / 18 / 50%.
-7. h ~ Uniform{1..len-1} as the authors: half as deep gave 40 / 68 / 34% there, other schedules no better on lock8.
+   prompt, and with beta = 1 no training sample does: the policy learns to finish the dataset's prefixes
+   (beta = 0.5 learned more on arith: benchmark/README.md).
+7. h ~ Uniform{1..len-1} as the authors: neither half as deep nor the other schedules did better (benchmark/README.md).
 """
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional
@@ -39,8 +39,8 @@ from common.generation import (entropy_from_logits, logprobs_from_logits, positi
                                response_logits)
 from common.models import add_lora, enable_gradient_checkpointing, load_reward_model
 from common.resets import make_schedule, reset_rollout, tokenize_demonstrations
-from common.run import (finish_run, iteration_metrics, iterations, log_iteration, logprobs_of, sample_prompts,
-                        save_on_failure, setup_run, start_training)
+from common.run import (finish_run, iteration_metrics, iterations, log_iteration, logprobs_of,
+                        sample_prompts, save_on_failure, setup_run, start_training)
 from common.training import kl_per_token, make_optimizer, masked_mean, micro_batches, minibatches, optimizer_step
 
 
@@ -252,7 +252,7 @@ if __name__ == "__main__":
                     accelerator.backward(loss)
                     log_ratio = logprobs.detach() - old_logprobs[micro]  # (b, T)
                     value_change = values.detach() - old_values[micro]  # (b, T)
-                    stats["loss/policy"].append(masked_mean(pg_loss, m))
+                    stats["loss/policy"].append((pg_loss * m).sum().item() / num_tokens * args.grad_accum_steps)
                     stats["loss/value"].append(masked_mean(vf_loss, m))
                     stats["policy/clipfrac"].append(masked_mean((log_ratio.exp() - 1).abs() > args.ppo.cliprange, m))
                     stats["policy/approxkl"].append(masked_mean(0.5 * log_ratio ** 2, m))

@@ -1,6 +1,6 @@
 """GRPO: Group Relative Policy Optimization (Shao et al. 2024, "DeepSeekMath", arXiv:2402.03300).
 
-    python grpo.py                                    # embedded SmolLM2-135M + arithmetic, 2 CPU cores, ~5 min
+    python grpo.py                                    # embedded SmolLM2-135M + arithmetic, CPU or GPU
     accelerate launch --config_file configs/ddp.yaml grpo.py --model_name Qwen/Qwen2.5-1.5B-Instruct --task gsm8k
 
 For each prompt, sample a group of G responses, score them (one outcome reward each, broadcast to its
@@ -100,8 +100,7 @@ if __name__ == "__main__":
             batch, rows, queries, query_mask = sample_prompts(run, iteration, repeat=G)
 
             # 2. generate, and 3. truncate at EOS
-            responses, mask, lengths, has_eos, gen_seconds = rollout(run, policy, queries, query_mask,
-                                                                     args.temperature)  # (B, T)
+            responses, mask, lengths, has_eos, gen_seconds = rollout(run, policy, queries, query_mask, args.temperature)
 
             # 4. score
             scores = run.score(rows, tokenizer.batch_decode(responses, skip_special_tokens=True)).to(device)  # (B,)

@@ -31,8 +31,8 @@ import torch
 from common.config import BaseArgs, parse_args
 from common.generation import forward_logprobs
 from common.resets import make_schedule, reset_rollout, tokenize_demonstrations
-from common.run import (finish_run, iteration_metrics, iterations, log_iteration, logprobs_of, sample_prompts,
-                        save_on_failure, setup_run, start_training)
+from common.run import (finish_run, iteration_metrics, iterations, log_iteration, logprobs_of,
+                        sample_prompts, save_on_failure, setup_run, start_training)
 from common.training import kl_per_token, make_optimizer, masked_mean, micro_batches, minibatches, optimizer_step
 
 

@@ -1,7 +1,7 @@
 """PPO for RLHF (Stiennon et al. 2020; Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO",
 arXiv:2403.17031).
 
-    python ppo.py                                     # embedded SmolLM2-135M + arithmetic, 2 CPU cores, ~8 min
+    python ppo.py                                     # embedded SmolLM2-135M + arithmetic, CPU or GPU
     accelerate launch --config_file configs/ddp.yaml ppo.py --model_name Qwen/Qwen2.5-1.5B-Instruct --task gsm8k
 
 Sample one response per prompt. Its per-token reward is -kl_coef * (log pi - log ref), with the
@@ -168,8 +168,7 @@ if __name__ == "__main__":
             batch, rows, queries, query_mask = sample_prompts(run, iteration)
 
             # 2. generate, and 3. truncate at EOS
-            responses, mask, lengths, has_eos, gen_seconds = rollout(run, policy, queries, query_mask,
-                                                                     args.temperature)  # (B, T)
+            responses, mask, lengths, has_eos, gen_seconds = rollout(run, policy, queries, query_mask, args.temperature)
             action_mask = mask  # (B, T) tokens the policy chose: rewards, whitening and losses use only these
 
             # 4. score
@@ -218,7 +217,7 @@ if __name__ == "__main__":
                     accelerator.backward(loss)
                     log_ratio = logprobs.detach() - old_logprobs[micro]  # (b, T)
                     value_change = values.detach() - old_values[micro]  # (b, T)
-                    stats["loss/policy"].append(masked_mean(pg_loss, m))
+                    stats["loss/policy"].append((pg_loss * m).sum().item() / num_tokens * args.grad_accum_steps)
                     stats["loss/value"].append(masked_mean(vf_loss, m))
                     stats["policy/clipfrac"].append(masked_mean((log_ratio.exp() - 1).abs() > args.ppo.cliprange, m))
                     stats["policy/approxkl"].append(masked_mean(0.5 * log_ratio ** 2, m))

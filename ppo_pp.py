@@ -1,7 +1,7 @@
 """PPO++: PPO with resets to reference-policy states (Chang et al. 2023, "Learning to Generate Better Than Your
 Teacher", arXiv:2306.11816).
 
-    python ppo_pp.py                                  # embedded SmolLM2-135M + arithmetic, 2 CPU cores, ~9 min
+    python ppo_pp.py                                  # embedded SmolLM2-135M + arithmetic, CPU or GPU
     accelerate launch --config_file configs/ddp.yaml ppo_pp.py --model_name Qwen/Qwen2.5-1.5B-Instruct --task gsm8k
 
 With probability beta (`--ppo.reset_prob`) a sample starts from a reset: the reference policy samples
@@ -21,8 +21,8 @@ Where this file departs from the summarize_from_feedback_details code (and the a
 4. Roll-in tokens are left out of the KL penalty, the whitening and both losses (the authors' DR-PO code
    masks the policy loss only): the policy did not choose them. The score stays on the last token, always
    the policy's, since h <= len-1 leaves it at least one token.
-5. beta = 0.5, not the authors' 1.0: measured on one GPU with the arith defaults (seeds 1-3, held-out from 28%),
-   beta = 0.5 reached 75.6 / 38.4 / 32.0% and beta = 1.0 56.8 / 28.0 / 29.6%; evaluation starts from the prompt.
+5. beta = 0.5, not the authors' 1.0: it learned more on arith (benchmark/README.md); evaluation starts from the
+   prompt.
 6. The roll-in depth stays the authors' uniform draw by default: no other schedule (`--ppo.rollin_schedule`) did
    better in DR-PO on the lock task (benchmark/README.md, "Roll-in schedules").
 """
@@ -246,7 +246,7 @@ if __name__ == "__main__":
                     accelerator.backward(loss)
                     log_ratio = logprobs.detach() - old_logprobs[micro]  # (b, T)
                     value_change = values.detach() - old_values[micro]  # (b, T)
-                    stats["loss/policy"].append(masked_mean(pg_loss, m))
+                    stats["loss/policy"].append((pg_loss * m).sum().item() / num_tokens * args.grad_accum_steps)
                     stats["loss/value"].append(masked_mean(vf_loss, m))
                     stats["policy/clipfrac"].append(masked_mean((log_ratio.exp() - 1).abs() > args.ppo.cliprange, m))
                     stats["policy/approxkl"].append(masked_mean(0.5 * log_ratio ** 2, m))

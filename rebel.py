@@ -1,6 +1,6 @@
 """REBEL: REinforcement Learning via Regressing Relative Rewards (Gao et al. 2024, arXiv:2404.16767).
 
-    python rebel.py                                   # embedded SmolLM2-135M + arithmetic, 2 CPU cores, ~13 min
+    python rebel.py                                   # embedded SmolLM2-135M + arithmetic, CPU or GPU
     accelerate launch --config_file configs/ddp.yaml rebel.py --model_name Qwen/Qwen2.5-1.5B-Instruct --task gsm8k
 
 For each prompt, sample two responses y, y' from the current policy pi_t, score them, and regress the difference
@@ -77,8 +77,7 @@ if __name__ == "__main__":
             batch, rows, queries, query_mask = sample_prompts(run, iteration, repeat=G)
 
             # 2. generate, and 3. truncate at EOS
-            responses, mask, lengths, has_eos, gen_seconds = rollout(run, policy, queries, query_mask,
-                                                                     args.temperature)  # (B, T)
+            responses, mask, lengths, has_eos, gen_seconds = rollout(run, policy, queries, query_mask, args.temperature)
 
             # 4. score
             scores = run.score(rows, tokenizer.batch_decode(responses, skip_special_tokens=True)).to(device)  # (B,)
@@ -113,7 +112,8 @@ if __name__ == "__main__":
 
             # 7. log and evaluate
             stats["objective/rlhf_reward"] = rewards.mean().item()
-            stats.update({"objective/kl": kl.mean().item()} if ref_model is not None else {})
+            if ref_model is not None:  # the summed log-ratio (k1), whatever the reward's estimator
+                stats["objective/kl"] = ((old_logprobs - ref_logprobs) * mask).sum(1).mean().item()
             metrics = iteration_metrics(run, stats, scores=scores, lengths=lengths, has_eos=has_eos,
                                         scheduler=scheduler, generate_seconds=gen_seconds,
                                         episode=iteration * args.prompts_per_iteration * G)
