@@ -27,7 +27,7 @@ import torch
 from common.config import BaseArgs, parse_args
 from common.generation import forward_logprobs
 from common.processes import end_processes
-from common.prompt_scores import keep_training_prompts, training_prompt_scores
+from common.reference_samples import keep_training_prompts, training_prompt_scores
 from common.run import (finish_run, iteration_metrics, iterations, log_iteration, logprobs_of, rollout,
                         sample_prompts, save_on_failure, setup_run, start_training)
 from common.training import make_optimizer, masked_mean, micro_batches, minibatches, optimizer_step

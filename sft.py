@@ -6,26 +6,21 @@
     accelerate launch --config_file configs/ddp.yaml sft.py --model_name EleutherAI/pythia-1b-deduped --task tldr \\
         --max_prompt_length 512 --max_response_length 64     # paper scale: benchmark/paper_scale.md
 
-Each example is the prompt as the policy sees it (`format_prompt`: the chat template when the
-tokenizer has one), then the dataset's reference response and EOS. The loss is the mean negative
-log-likelihood of the response tokens and the EOS over a minibatch; prompt tokens and padding
-carry no loss (label -100). Held-out loss, and for verifiable tasks held-out greedy accuracy, are
-measured before and after training; the model is saved in {output_dir}/{exp_name}__{seed}/model.
+Each example is the prompt as the policy sees it (`format_prompt`: the chat template when the tokenizer has one),
+then the dataset's reference response and EOS. The loss is the mean negative log-likelihood of the response tokens
+and the EOS over a batch; prompt tokens and padding carry no loss (label -100). Held-out loss, and for verifiable
+tasks held-out greedy accuracy, are measured before and after training; the model is saved in
+{output_dir}/{exp_name}__{seed}/model.
 
 Where this file departs from the summarize_from_feedback_details SFT and why:
-1. Padding, not packing: each sequence (prompt + response + EOS) is RIGHT-padded to the longest
-   one in its micro-batch, one example per row, so no example attends to another, positions need
-   no shift, and the loss mask is exact. Packing would save the padding's compute on GPUs.
+1. Padding, not packing: each sequence is RIGHT-padded to the longest one in its micro-batch, one example per row,
+   so no example attends to another and the loss mask is exact. Packing would save the padding's compute on GPUs.
 2. The loss covers the response and its EOS only; the prompt is context, as it is in RL.
-3. Demonstrations longer than --max_response_length tokens (EOS included) are skipped with a
-   count rather than truncated (a truncated one would teach the model to stop without EOS);
-   prompts longer than --max_prompt_length are refused, as in the algorithm files.
-4. CPU-sized defaults: 1 epoch over the 876 arith demonstrations, 16 per step (54 steps; the last
-   partial batch of each epoch is dropped), lr 3e-5 decaying linearly to 0: few steps on a small
-   model want the upper end of the usual 1e-5..5e-5 range. No warm-up. Paper-scale settings:
-   benchmark/paper_scale.md.
+3. Demonstrations longer than --max_response_length tokens (EOS included) are skipped with a count rather than
+   truncated (a truncated one would teach the model to stop without EOS); over-long prompts are refused.
+4. CPU-sized defaults: 1 epoch, 16 demonstrations per step (the last partial batch of each epoch dropped), lr 3e-5
+   decaying linearly to 0, no warm-up: few steps on a small model want the upper end of the usual 1e-5..5e-5.
 """
-import os
 import time
 from dataclasses import dataclass
 from typing import ClassVar, Literal, Optional
@@ -33,19 +28,17 @@ from typing import ClassVar, Literal, Optional
 import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
 from common.config import TrainArgs, parse_args
 from common.errors import DataError, UserError
 from common.evaluation import evaluate
-from common.models import add_lora, enable_gradient_checkpointing, load_causal_lm, load_tokenizer, merge_lora
+from common.models import check_context, load_causal_lm, load_tokenizer, merge_lora
 from common.processes import peak_memory_gb
 from common.rewards import VERIFIERS, score_with_verifier
-from common.supervised import (end_run, epoch_batches, finish, reduce_mean, report, save_on_failure, setup_supervised,
-                               start_tracking)
+from common.supervised import (end_job, epoch_batches, finish_job, log_step, prepare_training, reduce_mean, report,
+                               save_on_failure, setup_job, summarize)
 from common.tasks import encode_prompts, format_prompt, load_task
-from common.tracking import log_metrics
-from common.training import adamw, linear_schedule, micro_batches, optimizer_step
+from common.training import micro_batches, optimizer_step
 
 
 @dataclass
@@ -78,10 +71,8 @@ def build_sft_example(tokenizer, row):
 
 
 def collate_sft(examples, pad_token_id: int):
-    """Right-pad (prompt, response) id lists into input_ids, attention_mask, labels: each (B, L).
-
-    labels equal input_ids on the response and its EOS, and -100 on prompt and padding positions.
-    """
+    """Right-pad (prompt, response) id lists into input_ids, attention_mask and labels (B, L): the labels are the ids
+    on the response and its EOS, -100 on prompt and padding positions."""
     L = max(len(p) + len(r) for p, r in examples)
     input_ids = torch.full((len(examples), L), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), L), dtype=torch.long)
@@ -95,13 +86,9 @@ def collate_sft(examples, pad_token_id: int):
 
 
 def response_nll(model, input_ids, attention_mask, labels):
-    """Summed negative log-likelihood of the labelled tokens and their count: (B, L) -> scalars.
-
-    Only positions from the shortest prompt on go through the LM head (`logits_to_keep`), which
-    saves the largest matrix product on long prompts.
-    """
-    start = int((labels != -100).int().argmax(dim=1).min())  # first labelled position of any row
-    start = max(start, 1)  # position 0 predicts nothing in this sequence
+    """Summed negative log-likelihood of the labelled tokens and their count: (B, L) -> scalars. Only positions from
+    the shortest prompt on go through the LM head (`logits_to_keep`): the largest matrix product, on long prompts."""
+    start = max(int((labels != -100).int().argmax(dim=1).min()), 1)  # the first labelled position (0 predicts none)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=input_ids.shape[1] - start + 1,
                    use_cache=False).logits  # (B, L - start + 1, V): positions start-1 .. L-1
     targets = labels[:, start:]  # (B, L - start): tokens start .. L-1
@@ -126,8 +113,8 @@ def keep_fitting(tokenizer, rows, max_response_length: int, what: str):
 
 if __name__ == "__main__":
     args = parse_args(Args)
-    accelerator, run_dir = setup_supervised(args)
-    device = accelerator.device
+    job = setup_job(args)
+    accelerator, device = job.accelerator, job.device
 
     # 1. data: every check on the input happens here, before any training time is spent
     tokenizer = load_tokenizer(args.model_name, args.trust_remote_code)
@@ -140,63 +127,48 @@ if __name__ == "__main__":
     if len(train_examples) < args.batch_size:
         raise UserError(f"{len(train_examples)} training demonstrations, fewer than --batch_size {args.batch_size}")
     verifier, num_eval = VERIFIERS.get(args.task), len(eval_rows)
-    my_eval = slice(accelerator.process_index, None, args.world_size)
-    eval_rows, eval_examples = eval_rows[my_eval], eval_examples[my_eval]
+    mine = slice(accelerator.process_index, None, args.world_size)  # this process's share
+    eval_rows, eval_examples = eval_rows[mine], eval_examples[mine]
     eval_ids, eval_mask = encode_prompts(tokenizer, eval_rows, args.max_prompt_length, f"task {args.task} test")
-    eval_ids, eval_mask = eval_ids.to(device), eval_mask.to(device)
 
     # 2. model and optimiser: fp32 weights (mixed precision on GPU via accelerate)
     model = load_causal_lm(args.model_name, device, torch.float32, args.trust_remote_code)
-    context = args.max_prompt_length + args.max_response_length
-    if context > getattr(model.config, "max_position_embeddings", context):
-        raise UserError(f"--max_prompt_length + --max_response_length = {context} exceeds the model's context "
-                        f"({model.config.max_position_embeddings} tokens); lower one of them")
-    if args.lora_r:
-        model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules)
-    if args.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+    check_context(model.config, args.max_prompt_length, args.max_response_length, "--max_response_length")
     total_steps = args.epochs * (len(train_examples) // args.batch_size)
-    optimizer = adamw(model, args.learning_rate, args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(args.lr_schedule, total_steps))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    wandb_run = start_tracking(args, accelerator, run_dir)
+    model, optimizer, scheduler = prepare_training(job, model, total_steps)
 
-    def run_evaluation(ref_scores):
-        """Held-out loss on every process's share of the demonstrations, and greedy accuracy on verifiable tasks."""
-        net = accelerator.unwrap_model(model)
+    def run_evaluation(ref_scores=None):
+        """Held-out loss on every process's share of the demonstrations, and greedy accuracy on verifiable tasks:
+        (metrics, this process's scores, all samples)."""
+        net, sums, tokens, samples, scores = accelerator.unwrap_model(model), {"loss": 0.0}, 0, [], None
         net.eval()
-        sums, tokens, samples, scores = {"loss": 0.0}, 0, [], None
         with torch.no_grad(), accelerator.autocast():
             for i in range(0, len(eval_examples), args.eval_batch_size):
-                input_ids, attention_mask, labels = collate_sft(eval_examples[i:i + args.eval_batch_size],
-                                                                tokenizer.pad_token_id)
-                nll, count = response_nll(net, input_ids.to(device), attention_mask.to(device), labels.to(device))
-                sums["loss"] += nll.item()
-                tokens += count.item()
-            if verifier is not None:
-                gen_sums, count, scores, samples = evaluate(
-                    net, tokenizer, eval_rows, eval_ids, eval_mask,
+                batch = collate_sft(eval_examples[i:i + args.eval_batch_size], tokenizer.pad_token_id)
+                nll, count = response_nll(net, *(t.to(device) for t in batch))
+                sums["loss"], tokens = sums["loss"] + nll.item(), tokens + count.item()
+            if verifier is not None:  # reward, accuracy, response_length, eos_rate (and win_rate): sums over prompts
+                gen_sums, _, scores, samples = evaluate(
+                    net, tokenizer, eval_rows, eval_ids.to(device), eval_mask.to(device),
                     score_fn=lambda rows, texts: score_with_verifier(verifier, rows, texts),
                     response_length=args.max_response_length, temperature=0.0, batch_size=args.eval_batch_size,
                     seed=args.seed, ref_scores=ref_scores, verifier=verifier)
-                sums.update(gen_sums)  # reward, accuracy, response_length, eos_rate (and win_rate): sums over prompts
+                sums.update(gen_sums)
         net.train()
         keys = sorted(sums)
         totals = accelerator.reduce(torch.tensor([sums[k] for k in keys] + [tokens, len(eval_rows)],
                                                  dtype=torch.float64, device=device), "sum")
-        metrics = {f"eval/{k}": (totals[i] / (totals[-2] if k == "loss" else totals[-1])).item()
-                   for i, k in enumerate(keys)}
-        return metrics, scores, gather_object(samples)
+        return ({f"eval/{k}": (totals[i] / (totals[-2] if k == "loss" else totals[-1])).item()
+                 for i, k in enumerate(keys)}, scores, gather_object(samples))
 
     # 3. evaluation before training: the model as loaded
-    before, ref_scores, samples = run_evaluation(None)
-    report(accelerator, 0, before, run_dir, wandb_run, samples)
+    before, ref_scores, samples = run_evaluation()
+    report(job, 0, before, samples)
 
     # 4. training: each process takes its share of every batch
     model.train()
-    pbar = tqdm(total=total_steps, desc="sft", disable=not accelerator.is_main_process)
-    with save_on_failure(accelerator, model, tokenizer, run_dir, "sft"):
-        for step, (epoch, mine) in enumerate(epoch_batches(args, accelerator, len(train_examples)), start=1):
+    with save_on_failure(job, model, tokenizer):
+        for step, epoch, mine in epoch_batches(job, len(train_examples)):
             start_time = time.time()
             batch = [train_examples[i] for i in mine]
             # ALGO LOGIC: the loss normaliser is the batch's response tokens, averaged over processes (DDP averages
@@ -209,33 +181,20 @@ if __name__ == "__main__":
                                                                 tokenizer.pad_token_id)  # (b, L) each
                 nll, _ = response_nll(model, input_ids.to(device), attention_mask.to(device), labels.to(device))
                 accelerator.backward(nll / num_tokens)
-                loss_sum += nll.item()
-                trained_tokens += int(attention_mask.sum())
+                loss_sum, trained_tokens = loss_sum + nll.item(), trained_tokens + int(attention_mask.sum())
             optimizer_step(accelerator, model, optimizer, scheduler, args.max_grad_norm)
 
             # 5. log, and evaluate every --eval_every steps
             seconds = time.time() - start_time
-            metrics = {**reduce_mean(accelerator, {"loss/sft": loss_sum / num_tokens}),
-                       "lr": scheduler.get_last_lr()[0], "episode": step * args.batch_size, "epoch": epoch,
-                       "perf/seconds_per_iter": seconds,
-                       "perf/tokens_per_second": trained_tokens * args.world_size / seconds,
-                       "perf/peak_memory_gb": peak_memory_gb(device)}
-            if args.eval_every and step % args.eval_every == 0 and step != total_steps:
-                eval_metrics, _, samples = run_evaluation(ref_scores)
-                report(accelerator, step, {**metrics, **eval_metrics}, run_dir, wandb_run, samples)
-            elif accelerator.is_main_process:
-                log_metrics(metrics, step, os.path.join(run_dir, "metrics.jsonl"), wandb_run)
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{metrics['loss/sft']:.3f}", s_it=f"{seconds:.1f}")
-    pbar.close()
+            log_step(job, step, {**reduce_mean(job, {"loss/sft": loss_sum / num_tokens}),
+                                 "lr": scheduler.get_last_lr()[0], "episode": step * args.batch_size, "epoch": epoch,
+                                 "perf/seconds_per_iter": seconds,
+                                 "perf/tokens_per_second": trained_tokens * args.world_size / seconds,
+                                 "perf/peak_memory_gb": peak_memory_gb(device)},
+                     lambda: run_evaluation(ref_scores)[::2], shown={"loss": "loss/sft"})
 
     # 6. final evaluation and the saved model
     after, _, samples = run_evaluation(ref_scores)
-    finish(accelerator, merge_lora(accelerator.unwrap_model(model)), tokenizer, run_dir, after, wandb_run, total_steps,
-           samples)
-    if accelerator.is_main_process:
-        summary = "  ".join(f"{k.split('/')[1]} {before[k]:.3f} -> {after[k]:.3f}"
-                            for k in ("eval/loss", "eval/accuracy") if k in after)
-        print(f"[sft] before -> after on {num_eval} held-out demonstrations: {summary}\n"
-              f"[sft] metrics, samples and the model (from_pretrained; pass it as --model_name) are in {run_dir}")
-    end_run(wandb_run, accelerator)
+    finish_job(job, merge_lora(accelerator.unwrap_model(model)), tokenizer, after, total_steps, samples)
+    summarize(job, before, after, f"{num_eval} held-out demonstrations", "pass it as --model_name")
+    end_job(job)

@@ -44,11 +44,8 @@ def check_models(args, same_vocabulary: tuple = ()):
     policy. Returns the policy's tokenizer."""
     if args.reward_model is None and args.task not in VERIFIABLE:
         raise UserError(f"task {args.task} has no verifier: pass --reward_model (a sequence-classification model)")
-    config = check_model(args.model_name, "--model_name", args.trust_remote_code)
-    context = args.max_prompt_length + args.response_length
-    if context > getattr(config, "max_position_embeddings", context):
-        raise UserError(f"--max_prompt_length + --response_length = {context} exceeds the model's context "
-                        f"({config.max_position_embeddings} tokens); lower one of them")
+    check_context(check_model(args.model_name, "--model_name", args.trust_remote_code), args.max_prompt_length,
+                  args.response_length, "--response_length")
     if args.reward_model is not None:
         check_model(args.reward_model, "--reward_model", args.trust_remote_code, score_head=True)
     tokenizer = load_tokenizer(args.model_name, args.trust_remote_code)
@@ -59,6 +56,14 @@ def check_models(args, same_vocabulary: tuple = ()):
             raise UserError(f"{name} reads another vocabulary than the policy {args.model_name}; pass a model "
                             "that shares the policy's tokenizer")
     return tokenizer
+
+
+def check_context(config, max_prompt_length: int, response_length: int, flag: str) -> None:
+    """Refuse prompts and responses longer together than the model's context."""
+    context = max_prompt_length + response_length
+    if context > getattr(config, "max_position_embeddings", context):
+        raise UserError(f"--max_prompt_length + {flag} = {context} exceeds the model's context "
+                        f"({config.max_position_embeddings} tokens); lower one of them")
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
