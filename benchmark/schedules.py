@@ -4,6 +4,9 @@ on the lock task with the pocket model (the setting of benchmark/resets.py, at o
     python benchmark/schedules.py                  # make schedules: lock8, 10 seeds x 10 variants (about 30 min)
     python benchmark/schedules.py --seeds 2        # a look in a few minutes
     python benchmark/schedules.py --report_only    # aggregate the runs already there again
+    python benchmark/schedules.py --task chain3 --seeds 3 --output_dir benchmark/results/schedules_chain3 \
+        --variants drpo:uniform drpo:reverse drpo:adaptive drpo:anneal grpo_reset:uniform grpo_reset:reverse \
+        grpo_reset:adaptive grpo_reset:anneal     # the packaged 135M model on chain3, benchmark/compare.py's setting
 
 The setting (benchmark/README.md, "Roll-in schedules", has the prediction, written before the runs): the reference
 of `make resets` (trained here when benchmark/results/resets/reference is absent), lock8, 2,048 generated training
@@ -13,14 +16,19 @@ samples per run, 64 per iteration, each file's default learning rate x 10, 200 h
 t intervals: each schedule against the same file's uniform schedule, and each file against the one without resets
 (DR-PO against PPO, GRPO-reset against GRPO).
 
+With --task chain3 the setting is benchmark/compare.py's defaults instead (the packaged SmolLM2-135M after sft.py on
+32 worked solutions, 80 samples per run, 16 per iteration, 32 held-out prompts, bf16 autocast, each file's own
+learning rate); --samples, --samples_per_iteration, --num_evals, --num_eval_prompts and --lr_scale are then unused.
+
 Written to --output_dir (default benchmark/results/schedules): results.md, results.json, schedules_curves.png; the
-runs and logs under lock{H}/.
+runs and logs under lock{H}/ (or chain3/).
 """
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import tyro
 
@@ -34,6 +42,8 @@ BASE = {"drpo": "ppo", "ppo_pp": "ppo", "grpo_reset": "grpo"}
 
 @dataclass
 class Args:
+    task: Literal["lock", "chain3"] = "lock"
+    """lock (the pocket model on lock{--horizon}) or chain3 (the packaged 135M model, benchmark/compare.py's setting)"""
     horizon: int = 8
     """the lock's horizon H (lockH): one the reference was trained on (3, 4, 6 or 8)"""
     variants: tuple[str, ...] = ("ppo", "drpo:uniform", "drpo:reverse", "drpo:adaptive", "drpo:anneal", "grpo",
@@ -76,14 +86,28 @@ def folder_name(variant: str) -> str:
     return variant.replace(":", "-")
 
 
+def task_name(args: Args) -> str:
+    """The task the runs are on, and their folder's name: lock{H} or chain3."""
+    return "chain3" if args.task == "chain3" else f"lock{args.horizon}"
+
+
+def chain_args(args: Args):
+    """benchmark/compare.py's defaults (chain3, the SFT start, 80 samples), in this task's folder."""
+    return compare.Args(output_dir=os.path.join(args.output_dir, task_name(args)))
+
+
 def command(args: Args, variant: str, seed: int, model_dir: str) -> list:
-    """The run's command line: benchmark/resets.py's flags for the file at the horizon, plus the schedule."""
+    """The run's command line: benchmark/resets.py's flags for the file at the horizon (or compare.py's on chain3),
+    plus the schedule."""
     script, schedule = split(variant)
-    rargs = replace(resets.settle(resets.Args()), samples=args.samples, num_evals=args.num_evals,
-                    samples_per_iteration=args.samples_per_iteration, num_eval_prompts=args.num_eval_prompts,
-                    lr_scale=args.lr_scale)
-    cargs = replace(resets.compare_args(rargs, script, args.horizon),
-                    output_dir=os.path.join(args.output_dir, f"lock{args.horizon}"))
+    if args.task == "chain3":
+        cargs = chain_args(args)
+    else:
+        rargs = replace(resets.settle(resets.Args()), samples=args.samples, num_evals=args.num_evals,
+                        samples_per_iteration=args.samples_per_iteration, num_eval_prompts=args.num_eval_prompts,
+                        lr_scale=args.lr_scale)
+        cargs = replace(resets.compare_args(rargs, script, args.horizon),
+                        output_dir=os.path.join(args.output_dir, task_name(args)))
     flags, _ = compare.run_flags(script, seed, cargs, model_dir)
     flags[flags.index("--exp_name") + 1] = folder_name(variant)
     if schedule:
@@ -93,7 +117,7 @@ def command(args: Args, variant: str, seed: int, model_dir: str) -> list:
 
 def run_all(args: Args, model_dir: str) -> list:
     """Every (variant, seed) not finished before, --parallel at a time, seeds outermost; the failed ones."""
-    logs = os.path.join(args.output_dir, f"lock{args.horizon}", "logs")
+    logs = os.path.join(args.output_dir, task_name(args), "logs")
     os.makedirs(logs, exist_ok=True)
     todo = [(v, s) for s in range(1, args.seeds + 1) for v in args.variants
             if not os.path.exists(os.path.join(logs, f"{folder_name(v)}__{s}.json"))]
@@ -122,7 +146,7 @@ def run_all(args: Args, model_dir: str) -> list:
 
 def collect(args: Args) -> dict:
     """{variant: {seed: compare.read_run()}} for the finished runs."""
-    folder, out = os.path.join(args.output_dir, f"lock{args.horizon}"), {}
+    folder, out = os.path.join(args.output_dir, task_name(args)), {}
     for v in args.variants:
         for s in range(1, args.seeds + 1):
             run_dir = os.path.join(folder, f"{folder_name(v)}__{s}")
@@ -186,7 +210,7 @@ def plot(runs: dict, args: Args) -> str:
             ax.plot(xs, ys, marker=".", color=f"C{i}", label=f"{label(v)} ({len(runs[v])})")
             ax.fill_between(xs, ys - se, ys + se, alpha=0.15, color=f"C{i}")
         ax.set_xlabel("generated training samples")
-        ax.set_title(f"lock{args.horizon}, mean +- SE over seeds", fontsize=9)
+        ax.set_title(f"{task_name(args)}, mean +- SE over seeds", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("held-out success (greedy)")
@@ -202,10 +226,18 @@ def report(args: Args, total_seconds: float | None = None) -> str:
     if not runs:
         raise SystemExit(f"[schedules] no finished runs in {args.output_dir}")
     rows = summarize(runs)
-    text = (f"lock{args.horizon}, the reference of `make resets`; {args.samples} generated training samples per run, "
-            f"{args.samples_per_iteration} per iteration; each file's default learning rate x {args.lr_scale:g}; "
-            f"{args.num_eval_prompts} held-out prompts, greedy. Mean ± standard error over seeds; differences are "
-            "per seed (paired) with a 95% t interval.\n\n" + table(rows))
+    if args.task == "chain3":
+        c = chain_args(args)
+        setting = (f"chain3 from `sft.py` on {c.sft_rows} worked solutions (the packaged SmolLM2-135M, "
+                   f"benchmark/compare.py's setting); {c.samples} generated training samples per run, "
+                   f"{c.samples_per_iteration} per iteration; each file's default learning rate; "
+                   f"{c.num_eval_prompts} held-out prompts, greedy")
+    else:
+        setting = (f"{task_name(args)}, the reference of `make resets`; {args.samples} generated training samples per "
+                   f"run, {args.samples_per_iteration} per iteration; each file's default learning rate x "
+                   f"{args.lr_scale:g}; {args.num_eval_prompts} held-out prompts, greedy")
+    text = (setting + ". Mean ± standard error over seeds; differences are per seed (paired) with a 95% t interval."
+            "\n\n" + table(rows))
     if total_seconds is not None:
         text += f"\n\nWhole run: {total_seconds / 60:.1f} min, {args.parallel} runs at a time."
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
@@ -231,11 +263,12 @@ def main(args: Args) -> None:
     os.makedirs(args.output_dir, exist_ok=True)
     start, failed = time.time(), []
     if not args.report_only:
-        model_dir = resets.reference(resets.settle(resets.Args()))  # make resets' reference, trained once
+        model_dir = (compare.sft_model(chain_args(args)) if args.task == "chain3"  # the SFT start, trained once
+                     else resets.reference(resets.settle(resets.Args())))  # make resets' reference, trained once
         failed = run_all(args, model_dir)
     report(args, None if args.report_only else time.time() - start)
     if failed:
-        raise SystemExit(f"[schedules] failed runs (logs under {args.output_dir}/lock{args.horizon}/logs): "
+        raise SystemExit(f"[schedules] failed runs (logs under {args.output_dir}/{task_name(args)}/logs): "
                          + ", ".join(failed))
 
 

@@ -70,3 +70,16 @@ def test_the_summary_pairs_seeds_with_ppo_and_counts_censored_runs_at_the_budget
     assert not math.isnan(drpo["final"][1])
     table = resets.results_table(resets.summarize(runs, 0.5), 0.5, 256)
     assert "DR-PO" in table and "> 256 (censored)" not in table.split("DR-PO")[1]
+
+
+def test_the_schedules_benchmark_on_chain3_runs_compare_pys_setting_with_the_schedule(tmp_path):
+    """benchmark/schedules.py --task chain3: each run is benchmark/compare.py's chain3 run of the file from the SFT
+    start, with the variant's schedule in the file's own flag group and its own run name."""
+    from benchmark import compare, schedules
+
+    args = schedules.Args(task="chain3", output_dir=str(tmp_path))
+    cmd = schedules.command(args, "grpo_reset:anneal", 2, "sft_start")
+    expected = compare.run_flags("grpo_reset", 2, compare.Args(output_dir=str(tmp_path / "chain3")), "sft_start")[0]
+    assert cmd[2:-2] == [f if f != "grpo_reset" else "grpo_reset-anneal" for f in expected]
+    assert cmd[-2:] == ["--grpo.rollin_schedule", "anneal"] and cmd[1].endswith("grpo_reset.py")
+    assert cmd[cmd.index("--task") + 1] == "chain3" and cmd[cmd.index("--model_name") + 1] == "sft_start"
