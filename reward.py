@@ -185,7 +185,8 @@ if __name__ == "__main__":
 
     def run_evaluation():
         """Held-out preference accuracy, BT loss and margin (metrics), and this process's pairs with their rewards."""
-        net, sums, scored = accelerator.unwrap_model(model), dict(preference_accuracy=0.0, loss=0.0, margin=0.0), []
+        net, scored = accelerator.unwrap_model(model), []
+        sums = {"preference_accuracy": 0.0, "loss": 0.0, "margin": 0.0}
         with torch.no_grad(), accelerator.autocast():
             for i in range(0, len(my_eval_pairs), args.eval_batch_size):
                 batch = my_eval_pairs[i: i + args.eval_batch_size]
@@ -226,8 +227,7 @@ if __name__ == "__main__":
                      lambda: (run_evaluation()[0], None), {"loss": "loss/reward", "acc": "train/preference_accuracy"})
     model.eval()
 
-    # 6. evaluation after training, then the normalisation: mean and std of the raw reward on the training pairs'
-    # responses
+    # 6. evaluation after training, then the normalisation: the raw reward's mean and std on the training pairs
     after, scored = run_evaluation()
     net = merge_lora(accelerator.unwrap_model(model))  # a plain model from here on (LoRA merged)
     if args.normalize:
