@@ -189,7 +189,7 @@ if __name__ == "__main__":
             log_step(job, step, {**reduce_mean(job, {"loss/sft": loss_sum / num_tokens}),
                                  "lr": scheduler.get_last_lr()[0], "episode": step * args.batch_size, "epoch": epoch,
                                  "perf/seconds_per_iter": seconds,
-                                 "perf/tokens_per_second": trained_tokens * args.world_size / seconds,
+                                 "perf/train_tokens_per_second": trained_tokens * args.world_size / seconds,
                                  "perf/peak_memory_gb": peak_memory_gb(device)},
                      lambda: run_evaluation(ref_scores)[::2], shown={"loss": "loss/sft"})
 
