@@ -191,7 +191,7 @@ if __name__ == "__main__":
                                  "perf/seconds_per_iter": seconds,
                                  "perf/train_tokens_per_second": trained_tokens * args.world_size / seconds,
                                  "perf/peak_memory_gb": peak_memory_gb(device)},
-                     lambda: run_evaluation(ref_scores)[::2], shown={"loss": "loss/sft"})
+                     lambda: run_evaluation(ref_scores)[::2], shown={"loss": "loss/sft"})  # (metrics, samples)
 
     # 6. final evaluation and the saved model
     after, _, samples = run_evaluation(ref_scores)
