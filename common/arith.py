@@ -24,15 +24,24 @@ def _is_test_prompt(prompt: str) -> bool:
     return int(hashlib.sha256(prompt.encode()).hexdigest(), 16) % 4 == 0
 
 
+def _split_and_shuffle(task: str, questions, split: str, num_rows, seed: int, test_default: int = 0):
+    """The first `num_rows` of the split's questions (by `_is_test_prompt` of each one's first field) after a shuffle
+    seeded by task, split and seed, and that generator (it goes on to draw the rows' wrong answers). num_rows None:
+    every training question, `test_default` held-out ones."""
+    questions = [q for q in questions if _is_test_prompt(q[0]) == (split == "test")]
+    num_rows = num_rows or (len(questions) if split == "train" else test_default)
+    if num_rows > len(questions):
+        raise DataError(f"the {task} task has only {len(questions)} distinct {split} questions; ask for fewer")
+    rng = random.Random(f"{task}-{split}-{seed}")
+    rng.shuffle(questions)
+    return questions[:num_rows], rng
+
+
 def arith_rows(split: str, num_rows: int, seed: int = 0):
     """`num_rows` distinct questions of the embedded task from `split` ("train": 876 in all, "test": 275), shuffled."""
-    questions = [q for q in arith_questions() if _is_test_prompt(q[0]) == (split == "test")]
-    if num_rows > len(questions):
-        raise DataError(f"the arith task has only {len(questions)} distinct {split} questions; ask for fewer")
-    rng = random.Random(f"arith-{split}-{seed}")
-    rng.shuffle(questions)
+    questions, rng = _split_and_shuffle("arith", arith_questions(), split, num_rows, seed)
     rows = []
-    for prompt, expression, answer in questions[:num_rows]:
+    for prompt, expression, answer in questions:
         wrong = answer + rng.choice([-2, -1, 1, 2, 10])
         rows.append({
             "id": f"arith-{split}:{len(rows)}",
@@ -83,14 +92,9 @@ def chain_rows(task: str, split: str, num_rows: int | None, seed: int = 0):
     the solution (chosen) and the same solution with one step miscalculated and carried through (rejected).
     """
     ops = int(task.removeprefix("chain"))
-    questions = [q for q in chain_questions(ops) if _is_test_prompt(q[0]) == (split == "test")]
-    num_rows = num_rows or (len(questions) if split == "train" else 300)
-    if num_rows > len(questions):
-        raise DataError(f"the {task} task has only {len(questions)} distinct {split} questions; ask for fewer")
-    rng = random.Random(f"{task}-{split}-{seed}")
-    rng.shuffle(questions)
+    questions, rng = _split_and_shuffle(task, chain_questions(ops), split, num_rows, seed, test_default=300)
     rows = []
-    for expression, solution, answer in questions[:num_rows]:
+    for expression, solution, answer in questions:
         rows.append({"id": f"{task}-{split}:{len(rows)}", "prompt": f"What is {expression}? {CHAIN_INSTRUCTION}",
                      "answer": str(answer), "response": solution, "chosen": solution,
                      "rejected": _miscalculated(expression, rng)})

@@ -98,6 +98,21 @@ def evaluate_samples(model, ref_model, tokenizer, rows, query_ids, query_mask, *
 
 
 @torch.no_grad()
+def sample_texts(model, tokenizer, query_ids, query_mask, num_samples: int, response_length: int, temperature: float,
+                 sampler: str = "auto"):
+    """`num_samples` responses per (b, P) prompt, cut after EOS and decoded as the RL files decode them -> b lists of
+    texts."""
+    keep = query_mask.any(dim=0)  # drop columns that are padding in every row
+    queries = query_ids[:, keep].repeat_interleave(num_samples, dim=0)  # (b * N, P')
+    mask = query_mask[:, keep].repeat_interleave(num_samples, dim=0)  # (b * N, P')
+    responses = generate(model, queries, mask, response_length, temperature, tokenizer.pad_token_id,
+                         tokenizer.eos_token_id, sampler=sampler)
+    responses, _, _, _ = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)  # (b * N, T)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return [texts[i: i + num_samples] for i in range(0, len(texts), num_samples)]
+
+
+@torch.no_grad()
 def sample_scores(model, tokenizer, rows, query_ids, query_mask, *, score_fn, num_samples: int, response_length: int,
                   temperature: float, batch_size: int, progress: str = "", sampler: str = "auto"):
     """Scores of `num_samples` sampled responses per prompt: (P, L) prompts -> (P, num_samples), on CPU.
@@ -107,13 +122,9 @@ def sample_scores(model, tokenizer, rows, query_ids, query_mask, *, score_fn, nu
     prompts_per_batch = max(1, batch_size // num_samples)
     out = []
     for i in tqdm(range(0, len(rows), prompts_per_batch), desc=progress, disable=not progress):
-        q, qm = query_ids[i:i + prompts_per_batch], query_mask[i:i + prompts_per_batch]
-        keep = qm.any(dim=0)  # drop columns that are padding in every row
-        q, qm = q[:, keep].repeat_interleave(num_samples, dim=0), qm[:, keep].repeat_interleave(num_samples, dim=0)
-        responses = generate(model, q, qm, response_length, temperature, tokenizer.pad_token_id,
-                             tokenizer.eos_token_id, sampler=sampler)
-        responses = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)[0]
-        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        texts = [t for group in sample_texts(model, tokenizer, query_ids[i:i + prompts_per_batch],
+                                             query_mask[i:i + prompts_per_batch], num_samples, response_length,
+                                             temperature, sampler) for t in group]
         batch_rows = [row for row in rows[i:i + prompts_per_batch] for _ in range(num_samples)]
         out.append(score_fn(batch_rows, texts).view(-1, num_samples).cpu())
     return torch.cat(out) if out else torch.zeros(0, num_samples)

@@ -12,8 +12,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from common.errors import UserError
-from common.evaluation import sample_scores
-from common.generation import generate, truncate_after_eos
+from common.evaluation import sample_scores, sample_texts
 from common.model_sources import resolve_model
 from common.models import load_causal_lm, load_tokenizer
 from common.processes import gather_strided
@@ -121,20 +120,6 @@ def keep_training_prompts(run, keep) -> torch.Tensor:
         raise UserError(f"{len(kept)} training prompts left after filtering, fewer than --prompts_per_iteration "
                         f"{run.args.prompts_per_iteration}")
     return kept
-
-
-@torch.no_grad()
-def sample_texts(model, tokenizer, query_ids, query_mask, num_samples: int, response_length: int, temperature: float):
-    """`num_samples` responses per (b, P) prompt, cut after EOS and decoded as the RL files decode them -> b lists of
-    texts."""
-    keep = query_mask.any(dim=0)  # drop columns that are padding in every row
-    queries = query_ids[:, keep].repeat_interleave(num_samples, dim=0)  # (b * N, P')
-    mask = query_mask[:, keep].repeat_interleave(num_samples, dim=0)  # (b * N, P')
-    responses = generate(model, queries, mask, response_length, temperature, tokenizer.pad_token_id,
-                         tokenizer.eos_token_id)
-    responses, _, _, _ = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)  # (b * N, T)
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    return [texts[i: i + num_samples] for i in range(0, len(texts), num_samples)]
 
 
 def policy_samples(args, accelerator, model_name: str):

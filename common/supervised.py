@@ -14,7 +14,8 @@ from common.checkpoints import start_run_dir
 from common.config import exact_div
 from common.models import add_lora, enable_gradient_checkpointing, merge_lora, save_model
 from common.processes import checksum_spread, end_processes, make_accelerator, seed_everything
-from common.tracking import format_samples, init_wandb, log_metrics, write_samples
+from common import tracking
+from common.tracking import init_wandb, log_metrics
 from common.training import adamw, linear_schedule
 
 
@@ -87,11 +88,8 @@ def reduce_mean(job: Job, values: dict) -> dict:
 def report(job: Job, step: int, metrics: dict, samples=None) -> None:
     """Log an evaluation's metrics (and samples) and print them (main process only)."""
     if job.accelerator.is_main_process:
-        log_metrics(metrics, step, os.path.join(job.run_dir, "metrics.jsonl"), job.wandb_run)
-        if samples is not None:
-            write_samples(samples, os.path.join(job.run_dir, "eval_samples.jsonl"), step, job.wandb_run)
-        tqdm.write(f"[eval @ {step}] " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-                   + ("\n" + format_samples(samples) if samples else ""))
+        tracking.report(metrics, samples, step, os.path.join(job.run_dir, "metrics.jsonl"),
+                        os.path.join(job.run_dir, "eval_samples.jsonl"), job.wandb_run)
 
 
 def log_step(job: Job, step: int, metrics: dict, evaluate, shown: dict) -> None:
