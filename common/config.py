@@ -23,7 +23,8 @@ class TrainArgs:
     seed: int = 1
     """random seed (each process adds process_index * 100003)"""
     output_dir: str = "runs"
-    """where run folders go: metrics.jsonl, eval_samples.jsonl, model/, checkpoints/"""
+    """where run folders go: metrics.jsonl, the evaluated samples (or reward.py's pairs), model/, and checkpoints/
+    with --save_every"""
     track: bool = False
     """log to Weights & Biases too"""
     wandb_project: str = "resetrl"
