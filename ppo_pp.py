@@ -35,7 +35,8 @@ from torch import nn
 from common.config import BaseArgs, parse_args
 from common.generation import (entropy_from_logits, logprobs_from_logits, position_ids_from_mask,
                                response_logits)
-from common.models import add_lora, enable_gradient_checkpointing, load_reward_model
+from common.models import enable_gradient_checkpointing
+from common.reward_models import load_reward_model
 from common.resets import make_schedule, reset_rollout
 from common.run import (finish_run, iteration_metrics, iterations, log_iteration, logprobs_of, rollout,
                         sample_prompts, save_on_failure, setup_run, start_training)
@@ -172,6 +173,8 @@ if __name__ == "__main__":
     if value_source == args.model_name:
         nn.init.zeros_(value_model.score.weight)  # a fresh head: start every value at 0 rather than at random
     if args.lora_r:  # its own adapters on its own frozen copy of the base; the score head trains in full
+        from common.lora import add_lora
+
         value_model = add_lora(value_model, args.lora_r, args.lora_alpha, args.lora_target_modules, ["score"])
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(value_model)

@@ -8,7 +8,7 @@
         --pairs dataset
 
 A causal LM gets a one-output score head (`AutoModelForSequenceClassification`, num_labels=1) and reads the prompt
-and a response exactly as common/rewards.py scores them during RL (`reward_model_texts`); its score is the head's
+and a response exactly as common/reward_models.py scores them during RL (`reward_model_texts`); its score is the head's
 output at the last token. Training minimises -log sigmoid(r(chosen) - r(rejected)) over chosen/rejected pairs;
 held-out preference accuracy (pairs with r(chosen) > r(rejected)) is measured before and after. The model is saved
 in {output_dir}/{exp_name}__{seed}/model, which every algorithm file takes as --reward_model.
@@ -21,10 +21,10 @@ gives no pair (counted). The samples are cached (common/reference_samples.py), s
 
 Where this file departs from the summarize_from_feedback_details reward model and why:
 1. Normalisation (--normalize): the mean and std of the raw reward on the training pairs' responses are stored in
-   the saved config (`reward_mean`, `reward_std`) and common/rewards.py scores (r - mean) / std; Stiennon et al.
+   the saved config (`reward_mean`, `reward_std`) and common/reward_models.py scores (r - mean) / std; Stiennon et al.
    shift the reference summaries to 0 in the head, but Llama-family and GPT-NeoX score heads have no bias.
 2. Pairs from the reference policy's own samples judged by a verifier, so the pipeline runs offline on arith.
-3. The score is read at the last token of the decoded response (no EOS appended), as common/rewards.py scores it.
+3. The score is read at the last token of the decoded response (no EOS appended), as common/reward_models.py scores it.
 4. CPU-sized defaults: 4 samples per prompt at temperature 0.7 (the RL files' rollouts), 2 epochs, 16 pairs per
    step, lr 2e-5 decaying linearly. TL;DR settings: benchmark/paper_scale.md.
 """
@@ -39,13 +39,14 @@ from accelerate.utils import gather_object
 
 from common.config import TrainArgs, parse_args
 from common.errors import DataError, UserError
-from common.models import EMBEDDED_MODEL, load_reward_model, load_tokenizer, merge_lora
+from common.models import EMBEDDED_MODEL
 from common.processes import peak_memory_gb
 from common.reference_samples import policy_samples
-from common.rewards import VERIFIERS, encode_for_reward_model, reward_model_texts, score_with_verifier
-from common.supervised import (end_job, epoch_batches, finish_job, log_step, prepare_training, reduce_mean, report,
-                               save_on_failure, setup_job, summarize, write_jsonl)
-from common.tasks import load_preference_task
+from common.reward_models import encode_for_reward_model, load_reward_model, reward_model_texts
+from common.rewards import score_with_verifier, verifier_for
+from common.supervised import (end_job, epoch_batches, finish_job, log_step, plain_model, prepare_training,
+                               reduce_mean, report, save_on_failure, setup_job, summarize, write_jsonl)
+from common.task_data import load_preference_task
 from common.training import micro_batches, optimizer_step
 
 
@@ -142,14 +143,13 @@ def keep_fitting(tokenizer, pairs, max_length: int, what: str):
 
 if __name__ == "__main__":
     args = parse_args(Args)
-    pairs_kind = args.pairs or ("policy" if args.task in VERIFIERS else "dataset")
-    if pairs_kind == "policy" and args.task not in VERIFIERS:
+    pairs_kind = args.pairs or ("policy" if verifier_for(args.task) else "dataset")
+    if pairs_kind == "policy" and verifier_for(args.task) is None:
         raise UserError(f"--pairs policy needs a task with a verifier; task {args.task} has none: use --pairs dataset")
     if pairs_kind == "policy" and args.num_samples < 2:
         raise UserError("--num_samples must be at least 2 with --pairs policy: a pair needs a wrong and a right sample")
     job = setup_job(args)
-    accelerator, device = job.accelerator, job.device
-    tokenizer = load_tokenizer(args.model_name, args.trust_remote_code)
+    accelerator, device, tokenizer = job.accelerator, job.device, job.tokenizer
 
     # 1. pairs: the task's own, or the reference policy's samples judged by the verifier (sampled once, cached)
     pair_counts, pairs = {}, {}
@@ -158,7 +158,7 @@ if __name__ == "__main__":
         pairs["test"] = load_preference_task(args.task, "test", args.eval_data_files, args.num_eval_prompts)
     else:
         for split, (rows, samples) in policy_samples(args, accelerator, args.sample_model or args.model_name).items():
-            pairs[split], counts = build_policy_pairs(rows, samples, VERIFIERS[args.task], args.seed)
+            pairs[split], counts = build_policy_pairs(rows, samples, verifier_for(args.task), args.seed)
             accelerator.print(f"[reward] {split}: {len(pairs[split])} pairs from {counts['prompts']} prompts; "
                               f"{counts['skipped_no_wrong_sample']} prompts skipped (no wrong sample), "
                               f"{counts['chosen_from_dataset']} with the reference response as chosen")
@@ -229,7 +229,7 @@ if __name__ == "__main__":
 
     # 6. evaluation after training, then the normalisation: the raw reward's mean and std on the training pairs
     after, scored = run_evaluation()
-    net = merge_lora(accelerator.unwrap_model(model))  # a plain model from here on (LoRA merged)
+    net = plain_model(job, model)  # LoRA merged from here on
     if args.normalize:
         reference, local = train_pairs[: args.num_normalize_pairs][accelerator.process_index:: args.world_size], []
         with torch.no_grad(), accelerator.autocast():

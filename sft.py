@@ -32,11 +32,11 @@ from accelerate.utils import gather_object
 from common.config import TrainArgs, parse_args
 from common.errors import DataError, UserError
 from common.evaluation import evaluate
-from common.models import check_context, load_causal_lm, load_tokenizer, merge_lora
+from common.models import check_context, load_causal_lm
 from common.processes import peak_memory_gb
-from common.rewards import VERIFIERS, score_with_verifier
-from common.supervised import (end_job, epoch_batches, finish_job, log_step, prepare_training, reduce_mean, report,
-                               save_on_failure, setup_job, summarize)
+from common.rewards import score_with_verifier, verifier_for
+from common.supervised import (end_job, epoch_batches, finish_job, log_step, plain_model, prepare_training,
+                               reduce_mean, report, save_on_failure, setup_job, summarize)
 from common.tasks import encode_prompts, format_prompt, load_task
 from common.training import micro_batches, optimizer_step
 
@@ -114,10 +114,9 @@ def keep_fitting(tokenizer, rows, max_response_length: int, what: str):
 if __name__ == "__main__":
     args = parse_args(Args)
     job = setup_job(args)
-    accelerator, device = job.accelerator, job.device
+    accelerator, device, tokenizer = job.accelerator, job.device, job.tokenizer
 
     # 1. data: every check on the input happens here, before any training time is spent
-    tokenizer = load_tokenizer(args.model_name, args.trust_remote_code)
     train_rows = load_task(args.task, "train", args.data_files, args.num_train_rows, args.seed)
     eval_rows = load_task(args.task, "test", args.eval_data_files, args.num_eval_prompts)
     encode_prompts(tokenizer, train_rows, args.max_prompt_length, f"task {args.task} train")  # refuses long prompts
@@ -126,7 +125,7 @@ if __name__ == "__main__":
     eval_rows, eval_examples = keep_fitting(tokenizer, eval_rows, args.max_response_length, f"task {args.task} test")
     if len(train_examples) < args.batch_size:
         raise UserError(f"{len(train_examples)} training demonstrations, fewer than --batch_size {args.batch_size}")
-    verifier, num_eval = VERIFIERS.get(args.task), len(eval_rows)
+    verifier, num_eval = verifier_for(args.task), len(eval_rows)
     mine = slice(accelerator.process_index, None, args.world_size)  # this process's share
     eval_rows, eval_examples = eval_rows[mine], eval_examples[mine]
     eval_ids, eval_mask = encode_prompts(tokenizer, eval_rows, args.max_prompt_length, f"task {args.task} test")
@@ -195,6 +194,6 @@ if __name__ == "__main__":
 
     # 6. final evaluation and the saved model
     after, _, samples = run_evaluation(ref_scores)
-    finish_job(job, merge_lora(accelerator.unwrap_model(model)), tokenizer, after, total_steps, samples)
+    finish_job(job, plain_model(job, model), tokenizer, after, total_steps, samples)
     summarize(job, before, after, f"{num_eval} held-out demonstrations", "pass it as --model_name")
     end_job(job)

@@ -11,7 +11,9 @@ Every non-blank line of an algorithm file is put in one of four kinds:
   model classes, the models and optimizer it builds, and steps 1 to 6 of its loop (sampling,
   resets, generation, scoring, rewards and advantages, the update).
 Also printed: `diff a.py b.py` changed-line counts for the pairs a reader compares, and each entry point's import
-closure: the modules of common/ it pulls in, directly or through each other, and their lines (what to copy with it).
+closure: the modules of common/ every run of it loads, directly or through each other, with their lines and non-blank
+lines (what to copy with it), and apart from them the modules imported inside a function, only when an option asks
+for them (LoRA, FSDP, a reward model, the pocket model, another task...: copy those for the options you use).
 """
 import ast
 import os
@@ -77,30 +79,64 @@ def classify(path):
 
 
 def common_imports(path):
-    """The common/ modules a file imports (`from common.x import ...`, `from common import x`, `import common.x`)."""
-    found = set()
-    for node in ast.walk(ast.parse(open(path).read())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "common":
-            if node.module == "common":
-                found.update(f"common.{alias.name}" for alias in node.names)
-            else:
-                found.add(node.module)
-        elif isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names if alias.name.startswith("common."))
-    return found
+    """The common/ modules a file imports (`from common.x import ...`, `from common import x`, `import common.x`):
+    (those imported when the file loads or its main block runs, those imported inside a function or an `if`: only
+    when a call or a condition, an option, asks for them)."""
+    found = {"load": set(), "call": set()}
+
+    def visit(node, inside_function):  # inside a function or an `if` other than the main guard
+        for child in ast.iter_child_nodes(node):
+            when = "call" if inside_function else "load"
+            if isinstance(child, ast.ImportFrom) and child.module and child.module.split(".")[0] == "common":
+                if child.module == "common":
+                    found[when].update(f"common.{alias.name}" for alias in child.names)
+                else:
+                    found[when].add(child.module)
+            elif isinstance(child, ast.Import):
+                found[when].update(alias.name for alias in child.names if alias.name.startswith("common."))
+            visit(child, inside_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+                  or isinstance(child, ast.If) and "__main__" not in ast.unparse(child.test))
+
+    visit(ast.parse(open(path).read()), False)
+    return found["load"], found["call"] - found["load"]
+
+
+def module_path(module):
+    return os.path.join(ROOT, *module.split(".")) + ".py"
 
 
 def import_closure(path):
-    """The common/ modules `path` pulls in, transitively: {module: its line count}."""
-    closure, todo = {}, sorted(common_imports(path))
-    while todo:
+    """The common/ modules running `path` loads, transitively through the imports made when a module loads, and
+    those its functions import only when called (an option that asks for them: LoRA, FSDP, a reward model...), with
+    the modules those load in turn: ({module: lines}, {module: lines})."""
+    def closure(start):
+        found, todo = set(), sorted(start)
+        while todo:
+            module = todo.pop()
+            if module not in found:
+                found.add(module)
+                todo += sorted(common_imports(module_path(module))[0] - found)
+        return found
+
+    always = closure(common_imports(path)[0])
+    deferred = set()
+    for module in sorted(always | {None}, key=str):
+        deferred |= common_imports(path if module is None else module_path(module))[1]
+    on_call, todo = set(), sorted(deferred - always)
+    while todo:  # a module imported on a call, the modules it loads, and those its own functions import
         module = todo.pop()
-        if module in closure:
+        if module in always or module in on_call:
             continue
-        module_path = os.path.join(ROOT, *module.split(".")) + ".py"
-        closure[module] = sum(1 for _ in open(module_path))
-        todo += sorted(common_imports(module_path) - set(closure))
-    return closure
+        on_call |= closure({module}) - always
+        for m in closure({module}):
+            todo += sorted(common_imports(module_path(m))[1] - always - on_call)
+    return ({m: line_counts(module_path(m)) for m in always}, {m: line_counts(module_path(m)) for m in on_call})
+
+
+def line_counts(path):
+    """(lines, non-blank lines) of a file."""
+    lines = open(path).read().splitlines()
+    return len(lines), sum(1 for line in lines if line.strip())
 
 
 def changed_lines(a, b):
@@ -117,12 +153,15 @@ if __name__ == "__main__":
         print(f"| {name} | {c['lines']} | {non_blank} | {c['docs']} | {c['imports']} | {c['plumbing']} | "
               f"{c['algorithm']} | {c['algorithm'] / non_blank:.0%} |")
     print()
-    print("| entry point | lines | common/ modules it pulls in | their lines |")
-    print("|---|---|---|---|")
+    print("| entry point | lines | common/ modules every run loads | their lines | non-blank | "
+          "imported only when an option asks | their lines |")
+    print("|---|---|---|---|---|---|---|")
     for name in ENTRY_POINTS:
-        closure = import_closure(os.path.join(ROOT, name))
-        print(f"| {name} | {sum(1 for _ in open(os.path.join(ROOT, name)))} | "
-              f"{', '.join(sorted(m.split('.')[1] for m in closure))} | {sum(closure.values())} |")
+        always, on_call = import_closure(os.path.join(ROOT, name))
+        names = lambda modules: ", ".join(sorted(m.split(".")[1] for m in modules))  # noqa: E731
+        print(f"| {name} | {line_counts(os.path.join(ROOT, name))[0]} | {names(always)} | "
+              f"{sum(v[0] for v in always.values())} | {sum(v[1] for v in always.values())} | {names(on_call)} | "
+              f"{sum(v[0] for v in on_call.values())} |")
     print()
     for a, b in PAIRS:
         print(f"diff {a} {b}: {changed_lines(a, b)} changed lines")

@@ -23,7 +23,8 @@ from common.evaluation import pass_at_k  # noqa: E402
 from common.generation import generate, truncate_after_eos  # noqa: E402
 from common.models import EMBEDDED_MODEL, load_causal_lm, load_tokenizer  # noqa: E402
 from common.resets import build_reset_states, splice_reset_responses, tokenize_demonstrations  # noqa: E402
-from common.rewards import score_with_verifier, verify_chain  # noqa: E402
+from common.chain import verify_chain  # noqa: E402
+from common.rewards import score_with_verifier  # noqa: E402
 from common.tasks import encode_prompts, load_task  # noqa: E402
 
 

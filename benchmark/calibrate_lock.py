@@ -25,8 +25,9 @@ import tyro
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.generation import generate, truncate_after_eos  # noqa: E402
 from common.models import load_causal_lm, load_tokenizer  # noqa: E402
+from common.lock import verify_lock  # noqa: E402
 from common.resets import build_reset_states, splice_reset_responses, tokenize_demonstrations  # noqa: E402
-from common.rewards import score_with_verifier, verify_lock  # noqa: E402
+from common.rewards import score_with_verifier  # noqa: E402
 from common.tasks import encode_prompts, load_task  # noqa: E402
 
 

@@ -1,51 +1,22 @@
-"""Run folders that never collide, and resumable checkpoints written atomically.
+"""Resumable checkpoints written atomically (--save_every, --resume_from), imported only when a run asks for them.
 
-A run's folder is {output_dir}/{exp_name}__{seed}__{unix time} (CleanRL's convention), so the same
-command run twice keeps both runs; {output_dir}/{exp_name}__{seed} is a link to the newest of them
-(so `--model_name runs/sft__1/model` names the last SFT run's model). A checkpoint is written to
-`iter_N.tmp` and renamed to `iter_N` only when complete, so a process killed while writing one (or
-a full disk) never leaves a checkpoint that cannot be loaded: `--resume_from latest` takes the
-newest complete one. The trained model itself is saved with `save_policy` (from_pretrained loads it).
+A checkpoint is written to `iter_N.tmp` and renamed to `iter_N` only when complete, so a process killed
+while writing one (or a full disk) never leaves a checkpoint that cannot be loaded: `--resume_from
+latest` takes the newest complete one. A resumed run goes on in its own folder (common/run_folders.py).
 """
 import glob
 import json
 import os
 import shutil
-import time
 
 from common.errors import UserError
-from common.models import save_model
+from common.run_folders import link_latest, start_run_dir
 
 ITERATION_FILE = "iteration.json"  # written last into a checkpoint: its presence marks the checkpoint complete
 
 
-def new_run_dir(output_dir: str, exp_name: str, seed: int) -> str:
-    """Create and return a fresh run folder {output_dir}/{exp_name}__{seed}__{unix time} (a suffix if it exists)."""
-    base = os.path.join(output_dir, f"{exp_name}__{seed}__{int(time.time())}")
-    path, n = base, 1
-    while True:
-        try:
-            os.makedirs(path)
-            return path
-        except FileExistsError:
-            n += 1
-            path = f"{base}_{n}"
-
-
-def start_run_dir(accelerator, output_dir: str, exp_name: str, seed: int) -> str:
-    """A new run folder made by the main process and known to all (`new_run_dir`), linked as the newest."""
-    from accelerate.utils import broadcast_object_list
-
-    run_dir = new_run_dir(output_dir, exp_name, seed) if accelerator.is_main_process else None
-    run_dir = broadcast_object_list([run_dir])[0]
-    if accelerator.is_main_process:
-        link_latest(run_dir)
-    accelerator.print(f"[{exp_name}] run folder: {run_dir}")
-    return run_dir
-
-
-def open_run_dir(args, accelerator) -> str:
-    """The run's folder: new, or the resumed checkpoint's own with its logs cut back to the checkpoint.
+def resume_run_dir(args, accelerator) -> str:
+    """The folder of the run that --resume_from continues, its logs cut back to the checkpoint.
 
     `--resume_from latest` is resolved to the newest complete checkpoint of this --exp_name and --seed
     in --output_dir (a new run starts when there is none), and `args.resume_from` set to it.
@@ -79,17 +50,6 @@ def keep_lines_up_to(path: str, step: int) -> None:
     with open(f"{path}.tmp", "w") as f:
         f.writelines(lines)
     os.replace(f"{path}.tmp", path)
-
-
-def link_latest(run_dir: str) -> None:
-    """Point the link {exp_name}__{seed} (the run folder's name without its time) at `run_dir`; a real folder of
-    that name (written before run folders had times) is left alone."""
-    link = run_dir.rstrip("/").rsplit("__", 1)[0]
-    if os.path.exists(link) and not os.path.islink(link):
-        return
-    tmp = f"{link}.link{os.getpid()}"
-    os.symlink(os.path.basename(run_dir), tmp)
-    os.replace(tmp, link)
 
 
 def run_dirs(output_dir: str, exp_name: str, seed: int) -> list:
@@ -140,20 +100,3 @@ def load_checkpoint(accelerator, ckpt_dir: str) -> int:
                         "checkpoints/iter_N folder written by --save_every, or `latest`")
     accelerator.load_state(ckpt_dir)
     return iteration
-
-
-def save_policy(accelerator, policy, tokenizer, out_dir: str) -> None:
-    """Write the policy (from_pretrained loads it) from the main process. Under FSDP its shards are gathered into
-    full weights first, which every process takes part in: all of them call this."""
-    from accelerate.utils import DistributedType
-
-    sharded = accelerator.distributed_type == DistributedType.FSDP
-    state_dict = accelerator.get_state_dict(policy) if sharded else None
-    if state_dict:  # tied weights (embeddings and LM head) come back as two copies: keep the first
-        seen = set()
-        for name, p in accelerator.unwrap_model(policy).named_parameters(remove_duplicate=False):
-            if id(p) in seen:
-                state_dict.pop(name, None)
-            seen.add(id(p))
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(policy), tokenizer, out_dir, state_dict)

@@ -1,11 +1,10 @@
 """Evaluation on the held-out split: decoded responses (reward, accuracy, win rate, length, EOS rate), and sampled
-ones (pass@k, the KL to the reference); the scores of several samples per prompt. `evaluate_policy` is what a run
-calls: every process evaluates its share of the prompts, the metrics are reduced and the samples gathered."""
+ones (pass@k, the KL to the reference). `evaluate_policy` is what a run calls: every process evaluates its share of
+the prompts, the metrics are reduced and the samples gathered."""
 import math
 
 import torch
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
 from common.generation import generate, sequence_kl, truncate_after_eos
 from common.models import load_frozen_policy
@@ -95,39 +94,6 @@ def evaluate_samples(model, ref_model, tokenizer, rows, query_ids, query_mask, *
                 sums["kl"] += sequence_kl(model, ref_model, query_responses, attention, response_length, temperature,
                                           batch_size).sum().item() / num_samples
     return sums, len(rows)
-
-
-@torch.no_grad()
-def sample_texts(model, tokenizer, query_ids, query_mask, num_samples: int, response_length: int, temperature: float,
-                 sampler: str = "auto"):
-    """`num_samples` responses per (b, P) prompt, cut after EOS and decoded as the RL files decode them -> b lists of
-    texts."""
-    keep = query_mask.any(dim=0)  # drop columns that are padding in every row
-    queries = query_ids[:, keep].repeat_interleave(num_samples, dim=0)  # (b * N, P')
-    mask = query_mask[:, keep].repeat_interleave(num_samples, dim=0)  # (b * N, P')
-    responses = generate(model, queries, mask, response_length, temperature, tokenizer.pad_token_id,
-                         tokenizer.eos_token_id, sampler=sampler)
-    responses, _, _, _ = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)  # (b * N, T)
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    return [texts[i: i + num_samples] for i in range(0, len(texts), num_samples)]
-
-
-@torch.no_grad()
-def sample_scores(model, tokenizer, rows, query_ids, query_mask, *, score_fn, num_samples: int, response_length: int,
-                  temperature: float, batch_size: int, progress: str = "", sampler: str = "auto"):
-    """Scores of `num_samples` sampled responses per prompt: (P, L) prompts -> (P, num_samples), on CPU.
-
-    About `batch_size` sequences are generated at a time; `progress` names a progress bar (none when empty).
-    """
-    prompts_per_batch = max(1, batch_size // num_samples)
-    out = []
-    for i in tqdm(range(0, len(rows), prompts_per_batch), desc=progress, disable=not progress):
-        texts = [t for group in sample_texts(model, tokenizer, query_ids[i:i + prompts_per_batch],
-                                             query_mask[i:i + prompts_per_batch], num_samples, response_length,
-                                             temperature, sampler) for t in group]
-        batch_rows = [row for row in rows[i:i + prompts_per_batch] for _ in range(num_samples)]
-        out.append(score_fn(batch_rows, texts).view(-1, num_samples).cpu())
-    return torch.cat(out) if out else torch.zeros(0, num_samples)
 
 
 def evaluate_policy(run, model, ref_model=None, with_kl: bool = True):

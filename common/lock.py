@@ -16,8 +16,6 @@ import random
 from common.arith import _is_test_prompt
 from common.errors import DataError
 
-LOCK_HORIZONS = (3, 4, 6, 8, 12, 16)
-LOCK_TASKS = tuple(f"lock{h}" for h in LOCK_HORIZONS)
 LOCK_WORDS = ("open", ":", *"0123456789")  # every word a lock prompt or answer uses
 
 

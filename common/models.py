@@ -1,10 +1,11 @@
-"""Load policy, reference, reward and value models and their tokenizer; save the result."""
+"""Check and load the policy, its reference and their tokenizer; save the result. Reward and value models are
+common/reward_models.py's, LoRA common/lora.py's, FSDP common/fsdp.py's (each imported only when a run uses it)."""
 import json
 import os
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from common.errors import UserError
 from common.model_sources import EMBEDDED_MODEL, resolve_model  # noqa: F401 (EMBEDDED_MODEL: the default's name)
@@ -82,7 +83,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def _no_dropout(model: nn.Module) -> nn.Module:
+def no_dropout(model: nn.Module) -> nn.Module:
     """Dropout off everywhere: RL on language models compares log-probs across passes."""
     for key, value in model.config.to_dict().items():
         if ("dropout" in key or key.endswith("_pdrop")) and isinstance(value, float):
@@ -115,62 +116,10 @@ def load_causal_lm(name: str, device: torch.device, dtype: torch.dtype, trust_re
         resolve_model(base or name), dtype=dtype, trust_remote_code=trust_remote_code
     )
     if base is not None:
-        from peft import PeftModel
+        from common.lora import merge_adapters
 
-        model = PeftModel.from_pretrained(model, os.path.expanduser(name)).merge_and_unload()
-        model.requires_grad_(True)  # peft froze the base; merged, it is a plain model again
-    return _no_dropout(model).to(device)
-
-
-def load_reward_model(name: str, device: torch.device, dtype: torch.dtype, pad_token_id: int,
-                      trust_remote_code: bool = False):
-    """Sequence-classification model with one output (reward model, or a value model initialised from it)."""
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(name), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
-    )
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = pad_token_id
-    return _no_dropout(model).to(device)
-
-
-def add_lora(model: nn.Module, r: int, alpha: float, target_modules: str, modules_to_save=None):
-    """Wrap `model` in LoRA adapters of rank `r` (peft): only the adapters (and `modules_to_save`, e.g. a value
-    model's score head) train; the base weights stay frozen. Dropout 0, like everything trained here."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = target_modules if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
-                        modules_to_save=modules_to_save, task_type=None)
-    return get_peft_model(model, config)
-
-
-class AdaptersOff(nn.Module):
-    """A LoRA model seen with its adapters disabled: the base model it started from, without a second copy.
-
-    Used as the frozen reference policy under --lora_r; it owns no parameters of its own.
-    """
-
-    def __init__(self, peft_model):
-        super().__init__()
-        object.__setattr__(self, "peft_model", peft_model)  # not a submodule: its parameters are the policy's
-
-    @property
-    def config(self):
-        return self.peft_model.config
-
-    def forward(self, *args, **kwargs):
-        training = self.peft_model.training
-        self.peft_model.eval()  # no gradients here: the KV cache, which gradient checkpointing switches off, works
-        with self.peft_model.disable_adapter():
-            out = self.peft_model(*args, **kwargs)
-        self.peft_model.train(training)
-        return out
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """A LoRA model with its adapters merged into the base weights (a plain transformers model, which loads
-    wherever a model is named); any other model as it is."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        model = merge_adapters(model, name)
+    return no_dropout(model).to(device)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -192,37 +141,24 @@ def save_model(model: nn.Module, tokenizer, out_dir: str, state_dict=None) -> No
     tokenizer.save_pretrained(out_dir)
 
 
-def shard_frozen(accelerator, model: nn.Module) -> nn.Module:
-    """Under FSDP, a frozen model (reference, reward model) sharded over the processes like the policy: each
-    decoder layer and the rest, offloaded to CPU where the config says so. Otherwise the model as it is."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type != DistributedType.FSDP:
-        return model
-    from torch.distributed.fsdp import OffloadPolicy, fully_shard
-
-    offload = accelerator.state.fsdp_plugin.cpu_offload
-    options = {"offload_policy": offload} if isinstance(offload, OffloadPolicy) else {}
-    layers = set(getattr(model, "_no_split_modules", None) or [])
-    for module in model.modules():
-        if type(module).__name__ in layers:
-            fully_shard(module, **options)
-    return fully_shard(model, **options)
-
-
-def init_fsdp_roots(accelerator) -> None:
-    """FSDP: the first module to run forward becomes the root of its sharding; PPO's policy-and-value pair must be
-    it, though sampling calls the policy alone first. So every prepared FSDP model is initialised as a root now
-    (a private torch API: `_get_fsdp_state()._lazy_init()`). Nothing happens without FSDP."""
-    for model in accelerator._models:
-        if hasattr(model, "_get_fsdp_state"):
-            model._get_fsdp_state()._lazy_init()
-
-
 def load_frozen_policy(args, accelerator, lora_policy=None):
     """A frozen copy of the starting policy (`--model_name`), in bf16 where the device supports it, sharded under
     FSDP; under --lora_r the policy itself (`lora_policy`) with its adapters disabled (no second copy)."""
     if lora_policy is not None:
+        from common.lora import AdaptersOff
+
         return AdaptersOff(lora_policy)
     model = load_causal_lm(args.model_name, accelerator.device, frozen_dtype(accelerator), args.trust_remote_code)
     return shard_frozen(accelerator, model).eval()
+
+
+def shard_frozen(accelerator, model: nn.Module) -> nn.Module:
+    """Under FSDP, a frozen model (reference, reward model) sharded like the policy (common/fsdp.py); otherwise the
+    model as it is."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return model
+    from common.fsdp import shard
+
+    return shard(accelerator, model)

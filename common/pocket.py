@@ -9,8 +9,8 @@ anything else reads as <unk>, so other tasks need another model.
 import os
 
 from common.lock import LOCK_WORDS
+from common.model_cache import CACHE_DIR, build_once
 
-POCKET = "pocket"
 VERSION = 1  # bump when the vocabulary or the shape changes: the cache folder is named after it
 SHAPE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=512)
@@ -19,7 +19,9 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3: pad, bos, eos, unk
 
 def pocket_words() -> list:
     """Every word of the embedded tasks' prompts, demonstrations and pairs, sorted (the vocabulary past SPECIALS)."""
-    from common.arith import CHAIN_TASKS, arith_rows, chain_rows
+    from common.arith import arith_rows
+    from common.chain import chain_rows
+    from common.tasks import CHAIN_TASKS
 
     split = _pre_tokenizer()
     words = set(LOCK_WORDS) | {str(n) for n in range(1000)}
@@ -59,10 +61,8 @@ def build_pocket(path: str) -> None:
     tokenizer.save_pretrained(path)
 
 
-def pocket_model_dir(cache_dir: str) -> str:
+def pocket_model_dir(cache_dir: str = CACHE_DIR) -> str:
     """The cached pocket model's folder under `cache_dir`, built the first time (a few seconds)."""
-    from common.model_sources import build_once
-
     out = os.path.join(cache_dir, f"pocket-v{VERSION}")
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out

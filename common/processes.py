@@ -55,19 +55,6 @@ def checksum_spread(accelerator, model) -> float:
     return (checksums.max() - checksums.min()).item()
 
 
-def gather_strided(accelerator, local, num_rows: int):
-    """Rows sampled by every process, back in their order: process r holds rows r, r + W, r + 2W, ...
-
-    local: (this process's rows, ...) on any device -> (num_rows, ...) on the accelerator's device.
-    """
-    world = accelerator.num_processes
-    per_process = -(-num_rows // world)
-    padded = torch.zeros(per_process, *local.shape[1:], dtype=local.dtype, device=accelerator.device)
-    padded[:len(local)] = local.to(accelerator.device)
-    gathered = accelerator.gather(padded).view(world, per_process, *local.shape[1:])
-    return gathered.transpose(0, 1).reshape(-1, *local.shape[1:])[:num_rows]
-
-
 def end_processes(accelerator) -> None:
     """The one way every script ends, after it has saved everything: exit status 0. Under several processes every
     one waits here, ends the process group and leaves at once: gloo's threads outlive destroy_process_group, and

@@ -12,11 +12,56 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from common.errors import UserError
-from common.evaluation import sample_scores, sample_texts
+from common.generation import generate, truncate_after_eos
 from common.model_sources import resolve_model
 from common.models import load_causal_lm, load_tokenizer
-from common.processes import gather_strided
 from common.tasks import encode_prompts, load_task
+
+
+@torch.no_grad()
+def sample_texts(model, tokenizer, query_ids, query_mask, num_samples: int, response_length: int, temperature: float,
+                 sampler: str = "auto"):
+    """`num_samples` responses per (b, P) prompt, cut after EOS and decoded as the RL files decode them -> b lists of
+    texts."""
+    keep = query_mask.any(dim=0)  # drop columns that are padding in every row
+    queries = query_ids[:, keep].repeat_interleave(num_samples, dim=0)  # (b * N, P')
+    mask = query_mask[:, keep].repeat_interleave(num_samples, dim=0)  # (b * N, P')
+    responses = generate(model, queries, mask, response_length, temperature, tokenizer.pad_token_id,
+                         tokenizer.eos_token_id, sampler=sampler)
+    responses, _, _, _ = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)  # (b * N, T)
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return [texts[i: i + num_samples] for i in range(0, len(texts), num_samples)]
+
+
+@torch.no_grad()
+def sample_scores(model, tokenizer, rows, query_ids, query_mask, *, score_fn, num_samples: int, response_length: int,
+                  temperature: float, batch_size: int, progress: str = "", sampler: str = "auto"):
+    """Scores of `num_samples` sampled responses per prompt: (P, L) prompts -> (P, num_samples), on CPU.
+
+    About `batch_size` sequences are generated at a time; `progress` names a progress bar (none when empty).
+    """
+    prompts_per_batch = max(1, batch_size // num_samples)
+    out = []
+    for i in tqdm(range(0, len(rows), prompts_per_batch), desc=progress, disable=not progress):
+        texts = [t for group in sample_texts(model, tokenizer, query_ids[i:i + prompts_per_batch],
+                                             query_mask[i:i + prompts_per_batch], num_samples, response_length,
+                                             temperature, sampler) for t in group]
+        batch_rows = [row for row in rows[i:i + prompts_per_batch] for _ in range(num_samples)]
+        out.append(score_fn(batch_rows, texts).view(-1, num_samples).cpu())
+    return torch.cat(out) if out else torch.zeros(0, num_samples)
+
+
+def gather_strided(accelerator, local, num_rows: int):
+    """Rows sampled by every process, back in their order: process r holds rows r, r + W, r + 2W, ...
+
+    local: (this process's rows, ...) on any device -> (num_rows, ...) on the accelerator's device.
+    """
+    world = accelerator.num_processes
+    per_process = -(-num_rows // world)
+    padded = torch.zeros(per_process, *local.shape[1:], dtype=local.dtype, device=accelerator.device)
+    padded[:len(local)] = local.to(accelerator.device)
+    gathered = accelerator.gather(padded).view(world, per_process, *local.shape[1:])
+    return gathered.transpose(0, 1).reshape(-1, *local.shape[1:])[:num_rows]
 
 
 def model_fingerprint(name: str) -> str:

@@ -6,6 +6,7 @@ reference's evaluation), then in each of `iterations`: `sample_prompts`, `rollou
 (models, losses, advantages, resets, the update) stays in the file, nanochat's way: no trainer class.
 """
 import contextlib
+import functools
 import math
 import os
 import time
@@ -18,16 +19,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, broadcast
 from tqdm.auto import tqdm
 
-from common.checkpoints import load_checkpoint, open_run_dir, save_checkpoint, save_policy
 from common.config import BaseArgs, derive_batch_sizes
 from common.errors import NonFiniteError, UserError
 from common.evaluation import evaluate_policy, report_evaluation
 from common.generation import batched_logprobs, generate, truncate_after_eos
-from common.models import (add_lora, check_models, enable_gradient_checkpointing, init_fsdp_roots, load_causal_lm,
-                           load_frozen_policy, load_reward_model, load_tokenizer, save_model, shard_frozen)
-from common.processes import (checksum_spread, end_processes, frozen_dtype, make_accelerator, peak_memory_gb,
-                              seed_everything)
-from common.rewards import VERIFIERS, score
+from common.models import check_models, enable_gradient_checkpointing, load_causal_lm, load_frozen_policy
+from common.processes import checksum_spread, end_processes, make_accelerator, peak_memory_gb, seed_everything
+from common.rewards import score_with_verifier, verifier_for
+from common.run_folders import open_run_dir, save_policy
 from common.tasks import encode_prompts, load_task
 from common.tracking import init_wandb, log_metrics
 
@@ -81,7 +80,6 @@ def setup_run(args: BaseArgs, samples_per_prompt: int, group_size: int = 1, refe
     derive_batch_sizes(args, accelerator.num_processes, samples_per_prompt, group_size)
     seed_everything(args.seed + accelerator.process_index * 100003)
     device = accelerator.device
-
     tokenizer = check_models(args, same_vocabulary)
     train_rows = load_task(args.task, "train", args.data_files, args.num_train_prompts, args.seed)
     eval_rows = load_task(args.task, "test", args.eval_data_files, args.num_eval_prompts)
@@ -96,18 +94,12 @@ def setup_run(args: BaseArgs, samples_per_prompt: int, group_size: int = 1, refe
                         f"weights from all): --num_eval_prompts {len(eval_rows)} is not a multiple of the "
                         f"{args.world_size} processes; pass one that is")
     run_dir = open_run_dir(args, accelerator)
-
-    reward_model = reward_tokenizer = None
+    verifier = verifier_for(args.task)
+    score_texts = functools.partial(score_with_verifier, verifier)
     if args.reward_model is not None:
-        reward_tokenizer = load_tokenizer(args.reward_model, args.trust_remote_code)
-        reward_model = shard_frozen(accelerator, load_reward_model(
-            args.reward_model, device, frozen_dtype(accelerator), reward_tokenizer.pad_token_id,
-            args.trust_remote_code)).eval()
-    verifier = VERIFIERS.get(args.task)
+        from common.reward_models import reward_model_scorer
 
-    def score_texts(rows, texts):
-        return score(rows, texts, verifier, reward_model, reward_tokenizer, args.eval_batch_size)
-
+        score_texts = reward_model_scorer(args, accelerator)
     wandb_run = init_wandb(args.track and accelerator.is_main_process, args.wandb_project,
                            os.path.basename(run_dir), asdict(args), run_dir)
     run = Run(args=args, accelerator=accelerator, tokenizer=tokenizer, train_rows=train_rows, train_ids=train_ids,
@@ -116,10 +108,10 @@ def setup_run(args: BaseArgs, samples_per_prompt: int, group_size: int = 1, refe
               wandb_run=wandb_run)
     # the policy trains in fp32 (mixed precision on GPU through accelerate); frozen models in bf16 where supported
     policy = load_causal_lm(args.model_name, device, torch.float32, args.trust_remote_code)
-    if args.lora_r:  # the adapters start the same on every process (FSDP keeps each process's own shard of them)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(args.seed)
-            policy = run.lora_policy = add_lora(policy, args.lora_r, args.lora_alpha, args.lora_target_modules)
+    if args.lora_r:
+        from common.lora import add_run_lora
+
+        policy = run.lora_policy = add_run_lora(policy, args, device)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     return run, policy, load_frozen_policy(args, accelerator, run.lora_policy) if reference else None
@@ -129,19 +121,25 @@ def start_training(run: Run, policy, extra_metrics: Optional[dict] = None) -> in
     """Seed, restore the checkpoint of --resume_from (after `accelerator.prepare`), then evaluate the reference policy:
     the policy before training, that every later evaluation is compared with. Returns the first iteration - 1.
 
-    The reference's scores give the win rate, its metrics the summary at the end. When resuming, a
-    fresh fp32 copy of the starting model is evaluated, so the numbers are the first run's (nothing is
-    logged again). `extra_metrics` are logged with it (A*-PO's stage-1 seconds).
+    The reference's scores give the win rate, its metrics the summary at the end. When resuming, a fresh fp32 copy of
+    the starting model is evaluated, so the numbers are the first run's (nothing is logged again). `extra_metrics` are
+    logged with it (A*-PO's stage-1 seconds).
     """
     args = run.args
     # seeded again now that every model is loaded or built: however much randomness the set-up drew (a conversion, a
     # new score head, LoRA), training and evaluation draw the same; a checkpoint's own generator states replace these
     seed_everything(args.seed + run.accelerator.process_index * 100003)
-    init_fsdp_roots(run.accelerator)
-    start_iteration = load_checkpoint(run.accelerator, args.resume_from) if args.resume_from else 0
-    run.iteration = start_iteration
-    model = policy if start_iteration == 0 else load_causal_lm(args.model_name, run.device, torch.float32,
-                                                               args.trust_remote_code)
+    if run.accelerator.distributed_type == DistributedType.FSDP:
+        from common.fsdp import init_fsdp_roots
+
+        init_fsdp_roots(run.accelerator)
+    run.iteration = start_iteration = 0
+    model = policy
+    if args.resume_from:
+        from common.checkpoints import load_checkpoint
+
+        run.iteration = start_iteration = load_checkpoint(run.accelerator, args.resume_from)
+        model = load_causal_lm(args.model_name, run.device, torch.float32, args.trust_remote_code)
     run.ref_metrics, run.ref_scores, samples = evaluate_policy(run, model, with_kl=False)
     run.ref_metrics.update({"eval/kl": 0.0, "eval/win_rate": 0.5, **(extra_metrics or {})})  # vs itself
     if start_iteration == 0:
@@ -249,6 +247,8 @@ def log_iteration(run: Run, metrics: dict, policy, ref_model=None) -> None:
     run.progress.set_postfix(**{name: f"{metrics[k]:.3f}" for name, k in shown.items() if k in metrics},
                              s_it=f"{metrics['perf/seconds_per_iter']:.1f}")
     if args.save_every and iteration % args.save_every == 0:
+        from common.checkpoints import save_checkpoint
+
         save_checkpoint(accelerator, os.path.join(run.run_dir, "checkpoints", f"iter_{iteration}"), iteration)
 
 
@@ -256,10 +256,10 @@ def log_iteration(run: Run, metrics: dict, policy, ref_model=None) -> None:
 def save_on_failure(run: Run, policy):
     """On an exception (or Ctrl-C) inside the block, save `policy` to {run_dir}/model_interrupted, then re-raise.
 
-    A UserError (a reward that raised or was NaN, a loss that was not finite: every process meets it
-    at the same point) is saved by the main process and ends the run with one line naming the
-    iteration; any other exception is saved by single-process runs only (several processes cannot
-    agree on a save after one of them failed) and keeps its traceback.
+    A UserError (a reward that raised or was NaN, a loss that was not finite: every process meets it at the same
+    point) is saved by the main process and ends the run with one line naming the iteration; any other exception is
+    saved by single-process runs only (several processes cannot agree on a save after one of them failed) and keeps
+    its traceback.
     """
     out = os.path.join(run.run_dir, "model_interrupted")
     try:
@@ -271,7 +271,7 @@ def save_on_failure(run: Run, policy):
         raise UserError(f"iteration {run.iteration}: {e}. The policy's last good weights are in {out}") from e
     except BaseException:
         if run.accelerator.num_processes == 1:
-            save_model(run.accelerator.unwrap_model(policy), run.tokenizer, out)
+            save_policy(run.accelerator, policy, run.tokenizer, out)
             print(f"[{run.args.exp_name}] stopped early: the current policy is saved in {out}")
         raise
 
@@ -279,8 +279,8 @@ def save_on_failure(run: Run, policy):
 def finish_run(run: Run, policy, ref_model=None, trained=None) -> None:
     """Final evaluation, a check that every process ended with the same weights, the saved policy, a summary.
 
-    `trained` is everything the optimizer trained (the policy, or PPO's policy and value model) for
-    the check; the saved model is the policy alone, loadable with `from_pretrained`.
+    `trained` is everything the optimizer trained (the policy, or PPO's policy and value model) for the check; the
+    saved model is the policy alone, loadable with `from_pretrained`.
     """
     args, accelerator = run.args, run.accelerator
     metrics, _, samples = evaluate_policy(run, policy, ref_model)

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from common.checkpoints import start_run_dir
 from common.config import exact_div
-from common.models import add_lora, enable_gradient_checkpointing, merge_lora, save_model
+from common.models import enable_gradient_checkpointing, load_tokenizer, save_model
 from common.processes import checksum_spread, end_processes, make_accelerator, seed_everything
+from common.run_folders import start_run_dir
 from common import tracking
 from common.tracking import init_wandb, log_metrics
 from common.training import adamw, linear_schedule
@@ -25,6 +25,7 @@ class Job:
 
     args: object
     accelerator: object
+    tokenizer: object  # --model_name's
     run_dir: str
     wandb_run: object = None
     progress: object = None  # the progress bar of `epoch_batches`
@@ -35,17 +36,19 @@ class Job:
 
 
 def setup_job(args) -> Job:
-    """Accelerator, per-process batch and gradient accumulation, seeds, the run folder, tracking."""
+    """Accelerator, per-process batch and gradient accumulation, seeds, --model_name's tokenizer, the run folder,
+    tracking."""
     accelerator = make_accelerator(args.mixed_precision)
     args.world_size = accelerator.num_processes
     args.local_batch_size = exact_div(args.batch_size, args.world_size, "--batch_size over processes")
     args.grad_accum_steps = exact_div(args.local_batch_size, args.micro_batch_size,
                                       "batch size per process over --micro_batch_size")
     seed_everything(args.seed + accelerator.process_index * 100003)
+    tokenizer = load_tokenizer(args.model_name, args.trust_remote_code)
     run_dir = start_run_dir(accelerator, args.output_dir, args.exp_name, args.seed)
     wandb_run = init_wandb(args.track and accelerator.is_main_process, args.wandb_project,
                            f"{args.exp_name}__{args.seed}", asdict(args), run_dir)
-    return Job(args, accelerator, run_dir, wandb_run)
+    return Job(args, accelerator, tokenizer, run_dir, wandb_run)
 
 
 def prepare_training(job: Job, model, total_steps: int, modules_to_save=None):
@@ -53,6 +56,8 @@ def prepare_training(job: Job, model, total_steps: int, modules_to_save=None):
     over `total_steps`, all prepared by accelerate: (model, optimizer, scheduler)."""
     args = job.args
     if args.lora_r:
+        from common.lora import add_lora
+
         model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_target_modules, modules_to_save)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -115,9 +120,16 @@ def save_on_failure(job: Job, model, tokenizer):
     except BaseException:
         if job.accelerator.num_processes == 1:
             out = os.path.join(job.run_dir, "model_interrupted")
-            save_model(merge_lora(job.accelerator.unwrap_model(model)), tokenizer, out)
+            save_model(plain_model(job, model), tokenizer, out)
             print(f"[{job.args.exp_name}] stopped early: the current model is saved in {out}")
         raise
+
+
+def plain_model(job: Job, model):
+    """The trained model unwrapped from accelerate, its LoRA adapters (--lora_r) merged into the weights: a plain
+    transformers model, which from_pretrained loads and every script takes as --model_name."""
+    model = job.accelerator.unwrap_model(model)
+    return model.merge_and_unload() if job.args.lora_r else model
 
 
 def finish_job(job: Job, net, tokenizer, metrics: dict, step: int, samples=None) -> None:

@@ -5,10 +5,10 @@ import sys
 import pytest
 import torch
 
+from common.chain import chain_questions, verify_chain
 from common.resets import build_reset_states, sample_rollin_lengths, tokenize_demonstrations
-from common.rewards import verify_chain
-from common.arith import chain_questions
-from common.tasks import CHAIN_TASKS, load_preference_task, load_task
+from common.task_data import load_preference_task
+from common.tasks import CHAIN_TASKS, load_task
 from conftest import read_jsonl, run_together
 
 ROW = {"answer": "47"}

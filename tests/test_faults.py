@@ -16,10 +16,11 @@ TINY = ["--num_iterations", "4", "--prompts_per_iteration", "4", "--grpo.num_gen
         "--eval_every", "2"]
 
 # (where the process dies, the call that kills it, the checkpoint folders it leaves); every kill is in iteration 2,
-# after checkpoint 1: the reference evaluation makes the first calls of generate, score, evaluate and log_metrics
+# after checkpoint 1: the reference evaluation makes the first calls of generate, score_with_reward_model, evaluate and
+# log_metrics
 KILL_POINTS = [
     ("sampling", "common/generation.py:generate", 4, ["iter_1"]),
-    ("scoring", "common/rewards.py:score", 4, ["iter_1"]),
+    ("scoring", "common/reward_models.py:score_with_reward_model", 4, ["iter_1"]),
     ("update", "common/training.py:optimizer_step", 4, ["iter_1"]),  # between iteration 2's two optimizer steps
     ("evaluation", "common/evaluation.py:evaluate", 2, ["iter_1"]),  # the evaluation after iteration 2's update
     ("logging", "common/tracking.py:log_metrics", 3, ["iter_1"]),  # writing iteration 2's metrics line

@@ -1,12 +1,14 @@
-"""GRPO: advantages and loss against hand-worked values; smoke, resume, two-process and bad-input runs."""
+"""GRPO: advantages and loss against hand-worked values; smoke (from a copy of the file and its import closure), resume,
+two-process and bad-input runs."""
 import json
 import math
 import os
+import shutil
 import sys
 
 import pytest
 import torch
-from conftest import read_jsonl, run_script
+from conftest import ROOT, read_jsonl, run_script
 from safetensors.torch import load_file
 
 from grpo import aggregate_loss, group_advantages, grpo_per_token_loss
@@ -57,11 +59,33 @@ def test_clipping_and_k3_by_hand():
     assert kl.tolist()[0] == pytest.approx([0.5 * (2 - math.log(2) - 1)] * 2)  # beta * k3
 
 
+OPTIONAL = {"checkpoints", "chain", "fsdp", "lock", "lora", "model_cache", "pocket", "reference_samples", "resets",
+            "reward_models", "static_sampler", "supervised", "task_data"}  # modules an option asks for, or other files
+
+
+def copy_with_closure(name, out):
+    """`name` and the common/ modules every run of it loads (benchmark/anatomy.py), alone in the folder `out`: what the
+    README says to copy. Returns the modules the file imports only when an option asks for them."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+    from anatomy import import_closure
+
+    always, on_call = import_closure(os.path.join(ROOT, name))
+    os.makedirs(out / "common")
+    for path in [name, "common/__init__.py"] + [m.replace(".", "/") + ".py" for m in always]:
+        shutil.copy(os.path.join(ROOT, path), out / path)
+    return {m.split(".")[1] for m in always}, {m.split(".")[1] for m in on_call}
+
+
 def test_grpo_smoke(tiny_model_dir, tmp_path):
+    """Run from a copy of grpo.py with only the modules of common/ it always loads (a fresh interpreter that cannot
+    see the project's own common/): those suffice for a run without options (the KL term is on, a local model)."""
     from transformers import AutoModelForCausalLM
 
+    always, on_call = copy_with_closure("grpo.py", tmp_path / "copy")
+    assert not always & OPTIONAL and OPTIONAL - {"resets", "reference_samples", "supervised"} <= on_call
     run_script([sys.executable, "grpo.py", "--model_name", tiny_model_dir, "--output_dir", str(tmp_path),
-                "--grpo.kl_coef", "0.04", "--num_epochs", "2", "--grpo.loss_type", "bnpo", *TINY])
+                "--grpo.kl_coef", "0.04", "--num_epochs", "2", "--grpo.loss_type", "bnpo", *TINY],
+               cwd=tmp_path / "copy", cold=True, PYTHONPATH=str(tmp_path / "copy"))
     run_dir = tmp_path / "grpo__1"
     rows = read_jsonl(run_dir / "metrics.jsonl")
     train = [r for r in rows if "loss/policy" in r]

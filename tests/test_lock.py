@@ -3,8 +3,9 @@ splits with correct demonstrations and one-step-wrong pairs, and the pocket toke
 Whether the files learn on the lock with the pocket model: tests/test_learning.py."""
 import pytest
 
-from common.lock import LOCK_TASKS, lock_answer, verify_lock
-from common.tasks import load_preference_task, load_task
+from common.lock import lock_answer, verify_lock
+from common.task_data import load_preference_task
+from common.tasks import LOCK_TASKS, load_task
 
 
 @pytest.mark.parametrize("response,score", [

@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import read_jsonl, run_script
 from common.generation import forward_logprobs
-from common.models import AdaptersOff, add_lora, load_causal_lm
+from common.lora import AdaptersOff, add_lora
+from common.models import load_causal_lm
 
 
 def test_reference_by_disabled_adapters_equals_a_separate_reference(tiny_model_dir, tokenizer):

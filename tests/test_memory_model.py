@@ -7,7 +7,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmark"))
 from memory_model import SHAPES, Args, lora_parameters, parameters, predict  # noqa: E402
 
-from common.models import EMBEDDED_MODEL, add_lora, load_causal_lm  # noqa: E402
+from common.lora import add_lora  # noqa: E402
+from common.models import EMBEDDED_MODEL, load_causal_lm  # noqa: E402
 
 
 def test_parameter_counts_match_the_models(tiny_model_dir):

@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import read_jsonl, run_script, tiny_config
 
-from common.rewards import normalize_rewards, score, score_with_reward_model
-from common.tasks import DataError, load_preference_task, load_task
+from common.reward_models import normalize_rewards, score_with_reward_model
+from common.task_data import load_preference_task
+from common.tasks import DataError, load_task
 from reward import bradley_terry_loss, build_policy_pairs
 from sft import build_sft_example, collate_sft, response_nll
 
@@ -67,9 +68,9 @@ def test_policy_pairs_from_verified_samples():
     samples = [["0 + 1 = 1", "0 + 1 = 5", "I think 9"],  # right and wrong: a policy pair
                ["1 + 1 = 3", "no idea"],  # nothing right: the dataset's response is chosen
                ["3", "2 + 1 = 3"]]  # nothing wrong: skipped
-    from common.rewards import VERIFIERS
+    from common.rewards import verifier_for
 
-    pairs, counts = build_policy_pairs(rows, samples, VERIFIERS["arith"], seed=0)
+    pairs, counts = build_policy_pairs(rows, samples, verifier_for("arith"), seed=0)
     assert counts == {"prompts": 3, "skipped_no_wrong_sample": 1, "chosen_from_dataset": 1}
     assert [p["id"] for p in pairs] == ["r0", "r1"]
     assert (pairs[0]["chosen"] == "0 + 1 = 1" and pairs[0]["rejected"] in ("0 + 1 = 5", "I think 9")
@@ -117,7 +118,7 @@ def test_missing_column_names_file_and_column(tmp_path, task, loader, record, co
 
 
 def test_stored_normalisation_is_applied_when_scoring(tiny_reward_dir, tokenizer, tmp_path):
-    from common.models import load_reward_model
+    from common.reward_models import load_reward_model
 
     rows = [{"id": "a", "prompt": "What is 1 + 1?"}, {"id": "b", "prompt": "What is 2 + 2?"}]
     texts = ["1 + 1 = 2", "2 + 2 = 5"]
@@ -127,7 +128,7 @@ def test_stored_normalisation_is_applied_when_scoring(tiny_reward_dir, tokenizer
     model.save_pretrained(tmp_path / "rm")
     reloaded = load_reward_model(str(tmp_path / "rm"), torch.device("cpu"), torch.float32, tokenizer.pad_token_id)
     assert (reloaded.config.reward_mean, reloaded.config.reward_std) == (0.25, 2.0)  # the config carries them
-    normalised = score(rows, texts, None, reloaded, tokenizer, batch_size=1)
+    normalised = score_with_reward_model(reloaded, tokenizer, rows, texts, batch_size=1)
     # the same scores through batches of 1 instead of 2 (float32, O(1) scores: ~1e-6 apart), shifted and halved;
     # normalisation missed or applied twice moves them by ~1e-1
     assert normalised.tolist() == pytest.approx(((raw - 0.25) / 2.0).tolist(), abs=1e-4)
@@ -157,7 +158,7 @@ def test_sft_smoke(tiny_model_dir, tmp_path):
 
 
 def test_reward_smoke_normalised_and_cached(tiny_model_dir, tokenizer, tmp_path):
-    from common.models import load_reward_model
+    from common.reward_models import load_reward_model
 
     proc = run_script([sys.executable, "reward.py", "--model_name", tiny_model_dir, "--output_dir", str(tmp_path),
                        *TINY_REWARD])
@@ -174,8 +175,8 @@ def test_reward_smoke_normalised_and_cached(tiny_model_dir, tokenizer, tmp_path)
             and model.config.pad_token_id == tokenizer.pad_token_id)
     # scored as the RL files score, the training responses have mean 0 and std 1: reward.py trains on the same text
     pairs = read_jsonl(run_dir / "train_pairs.jsonl")
-    scores = score(pairs * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], None, model, tokenizer,
-                   batch_size=16)
+    scores = score_with_reward_model(model, tokenizer, pairs * 2,
+                                     [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], batch_size=16)
     # float32 means over 64 scores of O(1) are exact to ~1e-6; 1e-3 is loose for that, tight for a normalisation
     # taken from other responses (a mean off by ~1e-1)
     assert (scores.mean().item() == pytest.approx(0.0, abs=1e-3)

@@ -96,7 +96,8 @@ def _loss_and_grads(model, query_responses, attention_mask, responses, action_ma
 
 def test_rollin_tokens_get_no_gradient(tiny_model_dir, tiny_reward_dir, tokenizer):
     from common.generation import logprobs_from_logits, truncate_after_eos
-    from common.models import load_causal_lm, load_reward_model
+    from common.models import load_causal_lm
+    from common.reward_models import load_reward_model
     from common.resets import splice_reset_responses
 
     torch.manual_seed(0)

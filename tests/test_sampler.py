@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import generation
-from common.generation import forward_logprobs, generate, generate_static, truncate_after_eos
+from common import static_sampler
+from common.generation import forward_logprobs, generate, truncate_after_eos
+from common.static_sampler import generate_static
 from common.models import EMBEDDED_MODEL, load_causal_lm
 from common.tasks import encode_prompts, load_task
 
@@ -81,10 +82,10 @@ def test_prompt_buckets_change_no_output(tiny, tokenizer, prompts, monkeypatch):
     """Static sampler: prompts padded to 64 columns (the bucket) give the tokens that unpadded prompts give
     (bucket 1), greedy and sampled with the same seed; the plain loop's output does not move with extra padding."""
     ids, mask = prompts
-    assert ids.shape[1] % generation.PROMPT_BUCKET != 0  # the bucket really pads
+    assert ids.shape[1] % static_sampler.PROMPT_BUCKET != 0  # the bucket really pads
     outputs = []
-    for bucket in (generation.PROMPT_BUCKET, 1):
-        monkeypatch.setattr(generation, "PROMPT_BUCKET", bucket)
+    for bucket in (static_sampler.PROMPT_BUCKET, 1):
+        monkeypatch.setattr(static_sampler, "PROMPT_BUCKET", bucket)
         for temperature in (0.0, 1.0):
             torch.manual_seed(0)
             outputs.append(generate_static(tiny, ids, mask, 16, temperature, tokenizer.pad_token_id,
