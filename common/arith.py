@@ -6,6 +6,7 @@ import random
 
 from common.errors import DataError
 
+
 def arith_questions():
     """Every question of the embedded task as (prompt, expression, answer): 1,151 in four families."""
     families = [

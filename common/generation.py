@@ -14,6 +14,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from transformers import DynamicCache
 
+
 def is_sharded(model) -> bool:
     """Whether `model`'s weights are sharded over the processes (FSDP). Each forward pass then gathers every
     layer's weights from all processes, so all of them must run the same passes: lock-step. (Asked of the

@@ -12,6 +12,7 @@ from common.model_sources import EMBEDDED_MODEL, resolve_model  # noqa: F401 (EM
 from common.processes import frozen_dtype
 from common.tasks import VERIFIABLE
 
+
 def check_model(name: str, flag: str, trust_remote_code: bool = False, score_head: bool = False):
     """The config of model `name` given by `flag`, or a UserError saying why it cannot be used here.
 
