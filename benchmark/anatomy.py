@@ -109,27 +109,19 @@ def import_closure(path):
     """The common/ modules running `path` loads, transitively through the imports made when a module loads, and
     those its functions import only when called (an option that asks for them: LoRA, FSDP, a reward model...), with
     the modules those load in turn: ({module: lines}, {module: lines})."""
-    def closure(start):
+    def reachable(start, on_call: bool):
         found, todo = set(), sorted(start)
         while todo:
             module = todo.pop()
             if module not in found:
                 found.add(module)
-                todo += sorted(common_imports(module_path(module))[0] - found)
+                load, call = common_imports(module_path(module))
+                todo += sorted((load | call if on_call else load) - found)
         return found
 
-    always = closure(common_imports(path)[0])
-    deferred = set()
-    for module in sorted(always | {None}, key=str):
-        deferred |= common_imports(path if module is None else module_path(module))[1]
-    on_call, todo = set(), sorted(deferred - always)
-    while todo:  # a module imported on a call, the modules it loads, and those its own functions import
-        module = todo.pop()
-        if module in always or module in on_call:
-            continue
-        on_call |= closure({module}) - always
-        for m in closure({module}):
-            todo += sorted(common_imports(module_path(m))[1] - always - on_call)
+    load, call = common_imports(path)
+    always = reachable(load, on_call=False)
+    on_call = reachable(load | call, on_call=True) - always
     return ({m: line_counts(module_path(m)) for m in always}, {m: line_counts(module_path(m)) for m in on_call})
 
 

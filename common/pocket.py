@@ -8,8 +8,11 @@ anything else reads as <unk>, so other tasks need another model.
 """
 import os
 
+from common.arith import arith_rows
+from common.chain import chain_rows
 from common.lock import LOCK_WORDS
 from common.model_cache import CACHE_DIR, build_once
+from common.tasks import CHAIN_TASKS
 
 VERSION = 1  # bump when the vocabulary or the shape changes: the cache folder is named after it
 SHAPE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -19,10 +22,6 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3: pad, bos, eos, unk
 
 def pocket_words() -> list:
     """Every word of the embedded tasks' prompts, demonstrations and pairs, sorted (the vocabulary past SPECIALS)."""
-    from common.arith import arith_rows
-    from common.chain import chain_rows
-    from common.tasks import CHAIN_TASKS
-
     split = _pre_tokenizer()
     words = set(LOCK_WORDS) | {str(n) for n in range(1000)}
     rows = arith_rows("train", 876) + arith_rows("test", 275)
