@@ -1,6 +1,4 @@
-"""The embedded arithmetic task `arith` (one operation), generated offline, and the split and shuffle every embedded
-task shares (common/chain.py, common/lock.py). Rows as common/tasks.py describes them; the held-out split by a hash
-of the prompt."""
+"""The embedded arithmetic task `arith` (one operation), and the split and shuffle every embedded task shares."""
 import hashlib
 import random
 
@@ -24,9 +22,8 @@ def _is_test_prompt(prompt: str) -> bool:
 
 
 def _split_and_shuffle(task: str, questions, split: str, num_rows, seed: int, test_default: int = 0):
-    """The first `num_rows` of the split's questions (by `_is_test_prompt` of each one's first field) after a shuffle
-    seeded by task, split and seed, and that generator (it goes on to draw the rows' wrong answers). num_rows None:
-    every training question, `test_default` held-out ones."""
+    """The first `num_rows` (None: all training, `test_default` held-out) of the split's questions shuffled by a
+    generator seeded by task, split and seed, and the generator (it draws the rows' wrong answers next)."""
     questions = [q for q in questions if _is_test_prompt(q[0]) == (split == "test")]
     num_rows = num_rows or (len(questions) if split == "train" else test_default)
     if num_rows > len(questions):
@@ -42,12 +39,7 @@ def arith_rows(split: str, num_rows: int, seed: int = 0):
     rows = []
     for prompt, expression, answer in questions:
         wrong = answer + rng.choice([-2, -1, 1, 2, 10])
-        rows.append({
-            "id": f"arith-{split}:{len(rows)}",
-            "prompt": prompt,
-            "answer": str(answer),
-            "response": f"{expression} = {answer}",
-            "chosen": f"{expression} = {answer}",
-            "rejected": f"{expression} = {wrong}",
-        })
+        rows.append({"id": f"arith-{split}:{len(rows)}", "prompt": prompt, "answer": str(answer),
+                     "response": f"{expression} = {answer}", "chosen": f"{expression} = {answer}",
+                     "rejected": f"{expression} = {wrong}"})
     return rows

@@ -13,8 +13,7 @@ from common.model_sources import EMBEDDED_MODEL
 
 @dataclass
 class TrainArgs:
-    """The flags every entry point shares (the six algorithm files, sft.py, reward.py): the run, the model, the task's
-    data, the optimiser. Each file's `Args` subclasses this (through BaseArgs for the algorithm files)."""
+    """The flags every entry point shares (run, model, data, optimiser); each `Args` subclasses it or BaseArgs."""
 
     # experiment
     exp_name: str = os.path.basename(sys.argv[0]).removesuffix(".py")
@@ -23,8 +22,7 @@ class TrainArgs:
     seed: int = 1
     """random seed (each process adds process_index * 100003)"""
     output_dir: str = "runs"
-    """where run folders go: metrics.jsonl, the evaluated samples (or reward.py's pairs), model/, and checkpoints/
-    with --save_every"""
+    """where run folders go (metrics.jsonl, evaluated samples or reward.py's pairs, model/, checkpoints/)"""
     track: bool = False
     """log to Weights & Biases too"""
     wandb_project: str = "resetrl"
@@ -37,9 +35,8 @@ class TrainArgs:
     trust_remote_code: bool = False
     """allow models whose code lives in their repository"""
     lora_r: int = 0
-    """LoRA rank (0: train every weight). With LoRA only the adapters train (in the RL files the reference policy
-    is the policy with its adapters disabled: no second copy). Adapters want a larger --learning_rate than full
-    training (benchmark/README.md)"""
+    """LoRA rank (0: train every weight): only adapters train, the RL files' reference is the policy without them (no
+    second copy); they want a larger --learning_rate than full training (benchmark/README.md)"""
     lora_alpha: float = 32.0
     """LoRA scale: the adapters' update is multiplied by lora_alpha / lora_r"""
     lora_target_modules: str = "all-linear"
@@ -47,16 +44,14 @@ class TrainArgs:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass instead of storing them: less memory, about a third more compute"""
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
-    """compute precision: auto = bf16 autocast on a GPU that supports it (weights and optimizer stay fp32, frozen
-    models load in bf16), or what `accelerate launch`'s config says; no = fp32 everywhere (auto's choice on CPU;
-    bf16 also works there, benchmark/README.md)"""
+    """compute precision: auto = `accelerate launch`'s config, else bf16 autocast on a GPU that has it (weights and
+    optimizer fp32, frozen models bf16), else no = fp32 everywhere (bf16 works on CPU too, benchmark/README.md)"""
 
     # task
     task: Literal["arith", "chain2", "chain3", "chain4", "chain5", "lock3", "lock4", "lock6", "lock8", "lock12",
                   "lock16", "gsm8k", "tldr", "hh"] = "arith"
-    """arith (embedded: one operation), chainN (embedded: N chained operations, worked step by step), lockH
-    (embedded: H dependent digits, all or nothing; with --model_name pocket, seconds per run), gsm8k
-    (verifiable), tldr or hh (RL on these two needs --reward_model)"""
+    """embedded: arith (one operation), chainN (N operations worked step by step), lockH (H dependent digits, all or
+    nothing; seconds per run with --model_name pocket); gsm8k (verifiable); tldr, hh (RL needs --reward_model)"""
     data_files: Optional[str] = None
     """local .json/.jsonl/.parquet training file(s), comma-separated, with the task's hub columns"""
     eval_data_files: Optional[str] = None
@@ -109,9 +104,8 @@ class BaseArgs(TrainArgs):
     reward_model: Optional[str] = None
     """sequence-classification reward model (hub id or folder); default: the task's verifier"""
     sampler: Literal["auto", "plain", "static"] = "auto"
-    """how responses are sampled: static = transformers' generate with a static KV cache, compiled into CUDA
-    graphs on a GPU (prompts padded to a few lengths); plain = the loop in common/generation.py (finished rows
-    leave the batch, a group's prompt runs once); auto = static on a GPU, plain on CPU"""
+    """how responses are sampled: plain = common/generation.py's loop (finished rows leave the batch); static =
+    transformers' generate with a static KV cache, in CUDA graphs on a GPU; auto = static on a GPU, plain on CPU"""
 
     # task and sampling
     num_train_prompts: Optional[int] = None
@@ -152,9 +146,8 @@ class BaseArgs(TrainArgs):
 
 
 def parse_args(args_class):
-    """The command line as an `args_class` instance (tyro: `--help`, exit status 2 on an unknown flag), with every
-    flag checked against the `ranges` its dataclass declares. From here on a UserError anywhere (this one
-    included) ends the run with one line on stderr and exit status 2."""
+    """The command line as an `args_class` (tyro), each flag checked against its `ranges`; from here on a UserError
+    ends the run with one line on stderr and exit status 2."""
     exit_cleanly_on_user_errors()
     args = tyro.cli(args_class, use_underscores=True)
     check_ranges(args)
@@ -162,8 +155,7 @@ def parse_args(args_class):
 
 
 def check_ranges(obj, prefix: str = "") -> None:
-    """Refuse a flag outside the range its dataclass declares in `ranges` (">= x", "> x" or "in [a, b]"), in `obj`
-    and the flag groups nested in it; unset optional flags (None) pass."""
+    """Refuse a flag of `obj` or its nested groups outside its `ranges` (">= x", "> x", "in [a, b]"); None passes."""
     for name, rule in getattr(obj, "ranges", {}).items():
         value = getattr(obj, name)
         if value is None:
@@ -190,11 +182,8 @@ def exact_div(a: int, b: int, what: str) -> int:
 
 
 def derive_batch_sizes(args: BaseArgs, world_size: int, samples_per_prompt: int, group_size: int = 1) -> None:
-    """Fill the derived fields of `args`: per-process prompts and sequences, minibatch, gradient accumulation.
-
-    `group_size` > 1 keeps groups of that many consecutive sequences (REBEL's pairs) whole in every
-    minibatch and micro-batch.
-    """
+    """Fill the derived fields of `args` (per-process batch, minibatch, gradient accumulation), keeping groups of
+    `group_size` consecutive sequences (REBEL's pairs) whole in every minibatch and micro-batch."""
     args.world_size = world_size
     args.local_prompts = exact_div(args.prompts_per_iteration, world_size, "--prompts_per_iteration over processes")
     args.local_batch_size = args.local_prompts * samples_per_prompt

@@ -16,10 +16,7 @@ class NonFiniteError(UserError):
 
 
 def exit_cleanly_on_user_errors() -> None:
-    """Make an uncaught UserError print `<script>: error: <message>` on stderr and exit with status 2.
-
-    Any other exception keeps its traceback. Called once by each script before it does any work.
-    """
+    """An uncaught UserError prints `<script>: error: <message>` on stderr and exits with status 2 (no traceback)."""
     def hook(kind, value, tb):
         if not issubclass(kind, UserError):
             return sys.__excepthook__(kind, value, tb)

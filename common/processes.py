@@ -10,9 +10,7 @@ from accelerate import Accelerator
 
 
 def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
-    """The run's Accelerator. `auto`: the precision an accelerate config or ACCELERATE_MIXED_PRECISION names, else
-    bf16 autocast on a GPU that supports it, else none (CPU: fp32, behaviour unchanged). cpu=True where there is
-    no GPU lets torchrun/accelerate use gloo on CPU."""
+    """The run's Accelerator (gloo on CPU). `auto`: accelerate's configured precision, else bf16 on a GPU with it."""
     cuda = torch.cuda.is_available()
     if mixed_precision == "auto":
         bf16 = cuda and torch.cuda.is_bf16_supported()
@@ -41,25 +39,21 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def param_checksum(model) -> float:
-    """Sum of all parameters in float64: equal across processes when their weights are equal (FSDP: of the whole
-    weights, each gathered from its shards in turn, so one full parameter at a time is held)."""
+    """Sum of all parameters in float64 (FSDP: each gathered from its shards in turn, one at a time)."""
     return float(sum((p.full_tensor() if hasattr(p, "full_tensor") else p).detach().sum(dtype=torch.float64).item()
                      for p in model.parameters()))
 
 
 def checksum_spread(accelerator, model) -> float:
-    """The spread (max - min) over processes of `param_checksum(model)`: 0 when every process holds the same
-    weights."""
+    """max - min over processes of `param_checksum(model)`: 0 when every process holds the same weights."""
     checksums = accelerator.gather(torch.tensor([param_checksum(model)], dtype=torch.float64,
                                                 device=accelerator.device))
     return (checksums.max() - checksums.min()).item()
 
 
 def end_processes(accelerator) -> None:
-    """The one way every script ends, after it has saved everything: exit status 0. Under several processes every
-    one waits here, ends the process group and leaves at once: gloo's threads outlive destroy_process_group, and
-    at the interpreter's exit they can abort a run that has finished and saved everything (SIGABRT, 'terminate
-    called without an active exception': pytorch/pytorch#190489; measured here on 1 in 10 two-process runs)."""
+    """The one way every script ends, after it has saved everything: exit status 0. Several processes leave at once
+    after ending their group: gloo's threads can abort the interpreter's exit (SIGABRT, pytorch/pytorch#190489)."""
     if not torch.distributed.is_initialized():
         sys.exit(0)
     accelerator.wait_for_everyone()

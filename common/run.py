@@ -1,10 +1,6 @@
-"""The life of a training run around the algorithm: the calls every algorithm file makes, in this order.
-
-`setup_run` once (checks, data, the run folder, the policy and reference), `start_training` once (resume, the
-reference's evaluation), then in each of `iterations`: `sample_prompts`, `rollout`, `logprobs_of`, and at the end
-`iteration_metrics` and `log_iteration`; `finish_run` at the end, all inside `save_on_failure`. The algorithm
-(models, losses, advantages, resets, the update) stays in the file, nanochat's way: no trainer class.
-"""
+"""The life of a run around the algorithm, the calls every algorithm file makes in this order: `setup_run`,
+`start_training`, then each of `iterations` (`sample_prompts`, `rollout`, `logprobs_of`, ..., `iteration_metrics`,
+`log_iteration`), `finish_run`, all inside `save_on_failure`. The algorithm stays in the file: no trainer class."""
 import contextlib
 import functools
 import math
@@ -71,11 +67,9 @@ class Run:
 
 def setup_run(args: BaseArgs, samples_per_prompt: int, group_size: int = 1, reference: bool = False,
               same_vocabulary: tuple = ()):
-    """Accelerator, batch sizes, seeds, every check on the input (before any weights load: flags, models, data
-    files; `same_vocabulary`: models that read the policy's token ids), prompts, the run folder (new, or with
-    --resume_from the checkpoint's own), scoring, tracking; then the policy (fp32, to train) and, when the method
-    asks for one, a frozen copy as the reference. Returns (run, policy, ref_model), ref_model None unless `reference`.
-    """
+    """Every check on the input before any weights load (`same_vocabulary`: models that read the policy's token ids),
+    then prompts, run folder, scoring, tracking, the policy (fp32) and, if `reference`, a frozen copy: (run, policy,
+    ref_model)."""
     accelerator = make_accelerator(args.mixed_precision)
     derive_batch_sizes(args, accelerator.num_processes, samples_per_prompt, group_size)
     seed_everything(args.seed + accelerator.process_index * 100003)
@@ -118,16 +112,10 @@ def setup_run(args: BaseArgs, samples_per_prompt: int, group_size: int = 1, refe
 
 
 def start_training(run: Run, policy, extra_metrics: Optional[dict] = None) -> int:
-    """Seed, restore the checkpoint of --resume_from (after `accelerator.prepare`), then evaluate the reference policy:
-    the policy before training, that every later evaluation is compared with. Returns the first iteration - 1.
-
-    The reference's scores give the win rate, its metrics the summary at the end. When resuming, a fresh fp32 copy of
-    the starting model is evaluated, so the numbers are the first run's (nothing is logged again). `extra_metrics` are
-    logged with it (A*-PO's stage-1 seconds).
-    """
+    """Seed, restore --resume_from (after `accelerator.prepare`), evaluate the starting model (the win rate's reference;
+    logged with `extra_metrics` unless resuming). Returns the first iteration - 1."""
     args = run.args
-    # seeded again now that every model is loaded or built: however much randomness the set-up drew (a conversion, a
-    # new score head, LoRA), training and evaluation draw the same; a checkpoint's own generator states replace these
+    # again now that every model is built, so the set-up's draws (a conversion, LoRA) leave training's unchanged
     seed_everything(args.seed + run.accelerator.process_index * 100003)
     if run.accelerator.distributed_type == DistributedType.FSDP:
         from common.fsdp import init_fsdp_roots
@@ -162,15 +150,11 @@ def iterations(run: Run, start_iteration: int):
 
 
 def sample_prompts(run: Run, iteration: int, repeat: int = 1):
-    """This process's prompts of an iteration, each `repeat` times in consecutive rows (a group).
-
-    Every process draws the same global batch (from the seed and the iteration) and takes its share,
-    so resuming or adding processes sees the same prompts. Returns the indices into the training
-    rows (B / repeat,), the rows (B), and left-padded queries and mask (B, P) on the device.
-    """
+    """This process's share of the iteration's prompts, each `repeat` times in a row (a group): indices into the
+    training rows (B / repeat,), the rows (B), queries and mask (B, P) on the device."""
     args = run.args
     batch = np.random.default_rng([args.seed, iteration]).choice(len(run.train_rows), args.prompts_per_iteration,
-                                                                 replace=False)
+                                                                 replace=False)  # resumed or more processes: same
     batch = batch[run.accelerator.process_index:: args.world_size]
     rows = [run.train_rows[i] for i in batch for _ in range(repeat)]
     queries, query_mask = run.train_ids[batch], run.train_mask[batch]
@@ -181,11 +165,7 @@ def sample_prompts(run: Run, iteration: int, repeat: int = 1):
 
 
 def rollout(run: Run, model, queries, query_mask, temperature: float, response_length: Optional[int] = None):
-    """Sample `response_length` (default --response_length) tokens per query under the run's mixed precision
-    and cut each response after its first EOS.
-
-    Returns responses, mask of real tokens (EOS included) (B, T), lengths and has_eos (B,), and the seconds it took.
-    """
+    """Sample, cut after EOS, in the run's mixed precision: responses, mask (B, T), lengths, has_eos (B,), seconds."""
     tokenizer, start = run.tokenizer, time.time()
     with run.accelerator.autocast():
         responses = generate(model, queries, query_mask, response_length or run.args.response_length, temperature,
@@ -206,12 +186,8 @@ def logprobs_of(run: Run, model, query_responses, attention_mask):
 
 def iteration_metrics(run: Run, stats: dict, *, scores, lengths, has_eos, episode: int, scheduler,
                       generate_seconds: float) -> dict:
-    """The iteration's metrics, reduced over processes (benchmark/README.md, "Metrics", says what each means); the
-    iteration's seconds are added to the run's training time. A metric that is not finite stops the run.
-
-    `stats` maps metric names to a float or a list of floats (averaged); `scores`, `lengths` and
-    `has_eos` (B,) are the responses'; `episode` counts the samples generated so far.
-    """
+    """`stats` (name -> float or list, averaged) and the responses' measures (B,) reduced over processes (their meaning:
+    benchmark/README.md, "Metrics"); adds to the training time. A metric that is not finite stops the run."""
     accelerator, device = run.accelerator, run.device
     local = {k: float(np.mean(v)) for k, v in stats.items() if not isinstance(v, list) or v}
     local.update({"objective/scores": scores.mean().item(), "val/response_length": lengths.float().mean().item()})
@@ -254,34 +230,25 @@ def log_iteration(run: Run, metrics: dict, policy, ref_model=None) -> None:
 
 @contextlib.contextmanager
 def save_on_failure(run: Run, policy):
-    """On an exception (or Ctrl-C) inside the block, save `policy` to {run_dir}/model_interrupted, then re-raise.
-
-    A UserError (a reward that raised or was NaN, a loss that was not finite: every process meets it at the same
-    point) is saved by the main process and ends the run with one line naming the iteration; any other exception is
-    saved by single-process runs only (several processes cannot agree on a save after one of them failed) and keeps
-    its traceback.
-    """
+    """On an exception (or Ctrl-C) in the block, save `policy` to {run_dir}/model_interrupted and re-raise."""
     out = os.path.join(run.run_dir, "model_interrupted")
     try:
         yield
-    except UserError as e:
+    except UserError as e:  # every process meets it at the same point: they save together, one line names it
         save_policy(run.accelerator, policy, run.tokenizer, out)
         if run.wandb_run is not None:
             run.wandb_run.finish(exit_code=2)
         raise UserError(f"iteration {run.iteration}: {e}. The policy's last good weights are in {out}") from e
     except BaseException:
-        if run.accelerator.num_processes == 1:
+        if run.accelerator.num_processes == 1:  # several cannot agree on a save after one of them failed
             save_policy(run.accelerator, policy, run.tokenizer, out)
             print(f"[{run.args.exp_name}] stopped early: the current policy is saved in {out}")
         raise
 
 
 def finish_run(run: Run, policy, ref_model=None, trained=None) -> None:
-    """Final evaluation, a check that every process ended with the same weights, the saved policy, a summary.
-
-    `trained` is everything the optimizer trained (the policy, or PPO's policy and value model) for the check; the
-    saved model is the policy alone, loadable with `from_pretrained`.
-    """
+    """Final evaluation, a check that the processes' `trained` weights (default: the policy) agree, the saved policy
+    (from_pretrained loads it), a summary."""
     args, accelerator = run.args, run.accelerator
     metrics, _, samples = evaluate_policy(run, policy, ref_model)
     metrics["dist/param_checksum_spread"] = checksum_spread(accelerator, accelerator.unwrap_model(

@@ -1,10 +1,5 @@
-"""Run folders that never collide, and the trained policy saved in one.
-
-A run's folder is {output_dir}/{exp_name}__{seed}__{unix time} (CleanRL's convention), so the same
-command run twice keeps both runs; {output_dir}/{exp_name}__{seed} is a link to the newest of them
-(so `--model_name runs/sft__1/model` names the last SFT run's model). The trained model is saved with
-`save_policy` (from_pretrained loads it); resumable checkpoints are common/checkpoints.py's.
-"""
+"""Run folders that never collide, {output_dir}/{exp_name}__{seed}__{unix time} (CleanRL's), the newest linked as
+{output_dir}/{exp_name}__{seed} (`--model_name runs/sft__1/model`: the last SFT run's); the trained policy's save."""
 import os
 import time
 
@@ -46,8 +41,7 @@ def open_run_dir(args, accelerator) -> str:
 
 
 def link_latest(run_dir: str) -> None:
-    """Point the link {exp_name}__{seed} (the run folder's name without its time) at `run_dir`; a real folder of
-    that name (written before run folders had times) is left alone."""
+    """Point the link {exp_name}__{seed} at `run_dir` (a real folder of that name is left alone)."""
     link = run_dir.rstrip("/").rsplit("__", 1)[0]
     if os.path.exists(link) and not os.path.islink(link):
         return
@@ -57,8 +51,7 @@ def link_latest(run_dir: str) -> None:
 
 
 def save_policy(accelerator, policy, tokenizer, out_dir: str) -> None:
-    """Write the policy (from_pretrained loads it) from the main process. Under FSDP its shards are gathered into
-    full weights first, which every process takes part in: all of them call this."""
+    """Write the policy from the main process; every process calls it (FSDP gathers the shards first)."""
     from accelerate.utils import DistributedType
 
     sharded = accelerator.distributed_type == DistributedType.FSDP

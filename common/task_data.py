@@ -10,8 +10,10 @@ lock task's demonstrations from a file).
 import gzip
 import json
 import os
+import re
 
 from common.errors import DataError
+from common.rewards import clean_number
 from common.tasks import CHAIN_TASKS, LOCK_TASKS, load_task
 
 HUB = {  # task -> (dataset id, config or data_dir, {our split: hub split})
@@ -24,6 +26,7 @@ PREFERENCE_HUB = {  # task -> preference pairs for a reward model, where they ar
     "tldr": ("trl-lib/tldr-preference", None, {"train": "train", "test": "validation"}),
 }
 PREFERENCE_COLUMNS = {"tldr": ("prompt", "chosen", "rejected")}
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 GSM8K_INSTRUCTION = "Solve the problem step by step, then write the final number after '####'."
 
 
@@ -94,6 +97,17 @@ def _check_records(records, source: str, columns):
 def gsm8k_final_answer(solution: str) -> str:
     """The number after '####' in a GSM8K solution, commas removed."""
     return solution.split("####")[-1].strip().replace(",", "")
+
+
+def verify_gsm8k(row, response: str) -> float:
+    """1.0 when the number after the last '####' (else the last number) equals the answer."""
+    if "####" in response:
+        found = NUMBER.findall(response.split("####")[-1])
+        answer = clean_number(found[0]) if found else None
+    else:
+        found = NUMBER.findall(response)
+        answer = clean_number(found[-1]) if found else None
+    return float(answer == clean_number(row["answer"]))
 
 
 def split_hh_dialogue(text: str):

@@ -1,10 +1,6 @@
-"""Tasks: rows of {"id", "prompt", and where the task has them "answer", "response", "chosen", "rejected"}; the
-prompts the policy reads. Embedded and generated offline: `arith` (the default: one operation, common/arith.py),
-`chain2` .. `chain5` (N chained operations worked step by step, common/chain.py), `lock3` .. `lock16` (H dependent
-steps checked as a whole: exploration's difficulty set by H, common/lock.py). From the hub or local files with the
-hub's columns: `gsm8k` (verifiable), `tldr` and `hh` (RL on them needs --reward_model), common/task_data.py, which
-also has the chosen/rejected pairs for a reward model. A task's module is imported only when a run names the task.
-"""
+"""Tasks as rows {"id", "prompt", and as the task has them "answer", "response", "chosen", "rejected"}, and the
+prompts the policy reads. A task's module other than arith's (chain, lock; task_data for the hub and local files) is
+imported only when a run names the task."""
 from common.arith import arith_rows
 from common.errors import DataError
 
@@ -51,11 +47,10 @@ def encode_prompts(tokenizer, rows, max_prompt_length: int, what: str):
     too_long = [i for i, x in enumerate(ids) if len(x) > max_prompt_length]
     if too_long:
         i = too_long[0]
-        raise DataError(
-            f"{what}: {len(too_long)} prompt(s) are longer than --max_prompt_length {max_prompt_length} tokens; "
-            f"the first is row {rows[i].get('id')} ({len(ids[i])} tokens). Raise --max_prompt_length "
-            "(prompt plus --response_length must fit the model's context) or remove those rows."
-        )
+        raise DataError(f"{what}: {len(too_long)} prompt(s) are longer than --max_prompt_length {max_prompt_length} "
+                        f"tokens; the first is row {rows[i].get('id')} ({len(ids[i])} tokens). Raise "
+                        "--max_prompt_length (prompt plus --response_length must fit the model's context) or remove "
+                        "those rows.")
     P = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), P), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(ids), P), dtype=torch.long)

@@ -45,8 +45,7 @@ def format_samples(samples, n: int = 4, width: int = 70) -> str:
 
 
 def report(metrics: dict, samples, step: int, metrics_path: str, samples_path: str, wandb_run=None) -> None:
-    """Log an evaluation: metrics and samples (None: none) to their files (and wandb), a summary and a few samples to
-    the console."""
+    """An evaluation's metrics and samples (or None) to their files and wandb, a summary of them to the console."""
     log_metrics(metrics, step, metrics_path, wandb_run)
     if samples is not None:
         write_samples(samples, samples_path, step, wandb_run)

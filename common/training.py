@@ -13,9 +13,9 @@ def masked_mean(x, mask) -> float:
 
 
 def kl_per_token(logprobs, ref_logprobs, estimator: str):
-    """Schulman's per-token estimates of KL(pi || ref) on tokens sampled from pi, with x = log ref - log pi:
-    k1 = -x, k2 = x^2 / 2, k3 = exp(x) - 1 - x (k3 >= 0). (B, T) -> (B, T); zeros when `ref_logprobs` is None.
-    Which give the KL's gradient in the reward and which in the loss: benchmark/kl_estimators.py."""
+    """Schulman's estimates of KL(pi || ref) per sampled token, x = log ref - log pi: k1 = -x, k2 = x^2 / 2,
+    k3 = exp(x) - 1 - x, (B, T) -> (B, T), zeros without a reference; which for reward, which for loss:
+    benchmark/kl_estimators.py."""
     if ref_logprobs is None:
         return torch.zeros_like(logprobs)
     x = ref_logprobs - logprobs
@@ -32,8 +32,7 @@ def make_optimizer(model, args):
 
 
 def adamw(model, learning_rate: float, weight_decay: float):
-    """AdamW (eps 1e-8) over the parameters that train, as one fused kernel per step where torch has one for
-    them (CPU and CUDA): the same update as the per-tensor loop, faster (benchmark/README.md)."""
+    """AdamW (eps 1e-8) over the parameters that train, fused where torch can (the same update, faster)."""
     params = [p for p in model.parameters() if p.requires_grad]
     try:
         return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, eps=1e-8, fused=True)
@@ -51,11 +50,8 @@ def linear_schedule(kind: str, total_steps: int):
 
 
 def minibatches(args, device, group_size: int = 1):
-    """Row indices of every minibatch of every epoch (--num_epochs passes over this process's batch, each a fresh
-    shuffle, --num_minibatches minibatches each): yields (mini_batch_size,) tensors.
-
-    Rows come in groups of `group_size` consecutive rows (REBEL's pairs) that stay together.
-    """
+    """Row indices (mini_batch_size,) of each minibatch of --num_epochs shuffled passes over this process's batch;
+    groups of `group_size` consecutive rows (REBEL's pairs) stay together."""
     for _ in range(args.num_epochs):
         order = torch.randperm(args.local_batch_size // group_size, device=device)  # (B / group_size,)
         if group_size > 1:
@@ -74,11 +70,8 @@ def micro_batches(accelerator, model, mini, micro_batch_size: int):
 
 
 def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float) -> None:
-    """Clip the accumulated gradients, step the optimizer and the schedule, clear the gradients.
-
-    A gradient norm that is not finite (a NaN or infinite loss) stops the run before the step, so the
-    weights stay the last good ones.
-    """
+    """Clip the gradients, step optimizer and schedule, clear the gradients; a norm that is not finite stops the run
+    before the step, with the last good weights."""
     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
     if not torch.isfinite(norm):
         optimizer.zero_grad()

@@ -10,8 +10,8 @@ from common.arith import arith_rows
 from common.config import exact_div
 from common.generation import logprobs_from_logits, truncate_after_eos
 from common.resets import build_reset_states, sample_rollin_lengths, splice_reset_responses
-from common.rewards import RewardError, extract_answer, score_with_verifier, verify_arith, verify_gsm8k
-from common.task_data import split_hh_dialogue
+from common.rewards import RewardError, extract_answer, score_with_verifier, verify_arith
+from common.task_data import split_hh_dialogue, verify_gsm8k
 from common.tasks import DataError, encode_prompts, load_task
 from common.training import linear_schedule
 

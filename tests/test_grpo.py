@@ -97,6 +97,15 @@ def test_grpo_smoke(tiny_model_dir, tmp_path):
     AutoModelForCausalLM.from_pretrained(run_dir / "model")
 
 
+def test_grpo_copy_is_small(tmp_path):
+    """What a copy of grpo.py carries of common/ stays within 1,200 non-blank lines (benchmark/README.md, "What a copy
+    of grpo.py carries"): an option's code belongs in a module imported only when the option asks for it."""
+    copy_with_closure("grpo.py", tmp_path / "copy")
+    lines = sum(1 for path in (tmp_path / "copy" / "common").glob("*.py") for line in path.read_text().splitlines()
+                if line.strip())
+    assert lines <= 1200, f"a copy of grpo.py holds {lines} non-blank lines of common/, over the 1,200 aimed at"
+
+
 def test_grpo_with_reward_model(tiny_model_dir, tiny_reward_dir, tmp_path):
     run_script([sys.executable, "grpo.py", "--model_name", tiny_model_dir, "--reward_model", tiny_reward_dir,
                 "--output_dir", str(tmp_path), *TINY, "--num_iterations", "1", "--track"])  # wandb disabled in tests

@@ -56,8 +56,8 @@ def test_greedy_equals_transformers_generate(smollm, tokenizer, prompts, sampler
     assert torch.equal(ours, expected)
 
 
-@pytest.mark.parametrize("temperature", [0.7, 1.0])
-def test_sampled_logprobs_equal_the_scoring_pass(smollm, tokenizer, prompts, temperature, sampler):
+def test_sampled_logprobs_equal_the_scoring_pass(smollm, tokenizer, prompts, sampler):
+    temperature = 0.7  # not 1: a log-prob taken at the wrong temperature would show
     ids, mask = prompts
     torch.manual_seed(0)
     responses, sampled_lp = generate(smollm, ids, mask, 24, temperature, tokenizer.pad_token_id,
