@@ -11,7 +11,7 @@ def is_sharded(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     model = getattr(model, "peft_model", model)  # a LoRA reference (AdaptersOff) runs on the policy's weights
-    return any(isinstance(module, FSDPModule) for module in model.modules())  # the modules: the root may be gathered
+    return any(isinstance(module, FSDPModule) for module in model.modules())  # modules: the root may hold full weights
 
 
 def uses_static_sampler(model, device: torch.device, mode: str) -> bool:
