@@ -17,7 +17,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from anatomy import ROOT, import_closure  # noqa: E402
+from anatomy import ROOT, import_closure, line_counts  # noqa: E402
 
 CHILD = """
 import json, os, runpy, sys
@@ -67,7 +67,7 @@ def usage(module_path: str, called: set):
                 used += size
             elif node.col_offset == 0:
                 unused.append(node.name)
-    return sum(1 for line in lines if line.strip()), used, unused
+    return line_counts(module_path)[1], used, unused
 
 
 if __name__ == "__main__":
