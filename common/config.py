@@ -22,7 +22,7 @@ class TrainArgs:
     seed: int = 1
     """random seed (each process adds process_index * 100003)"""
     output_dir: str = "runs"
-    """where run folders go (metrics.jsonl, evaluated samples or reward.py's pairs, model/, checkpoints/)"""
+    """where run folders go: metrics.jsonl, samples or reward.py's pairs, model/, --save_every's checkpoints/"""
     track: bool = False
     """log to Weights & Biases too"""
     wandb_project: str = "resetrl"
